@@ -1,0 +1,142 @@
+"""Small building blocks shared by the models: parameters with logical axes, Dense, norms, patch embed.
+
+Dtype rules follow the reference (spec §7.1): statistics of every norm in fp32, matmuls in the
+parameter dtype with fp32 accumulation, elementwise activations in fp32 before rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    """A parameter tagged with its logical axis names (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    # Sharding is applied when a mesh is given (helios_jax.parallel), not at creation.
+    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
+
+
+def xavier_uniform(key, shape, dtype):
+    # Treat every leading dimension as fan-in, as torch does for a [out, in] Linear weight.
+    fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
+    limit = (6.0 / (fan_in + fan_out)) ** 0.5
+    return jax.random.uniform(key, shape, jnp.float32, -limit, limit).astype(dtype)
+
+
+def zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def normal(stddev: float):
+    def init(key, shape, dtype):
+        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel stored [in, out] (a torch Linear weight transposed)."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], dtype, rngs):
+        self.dtype = dtype
+        self.kernel = param(rngs, xavier_uniform, (in_features, out_features), dtype, axes)
+        self.bias = param(rngs, zeros, (out_features,), dtype, (axes[1],))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...], preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, in fp32 (FP32LayerNorm); returns fp32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineLayerNorm(nnx.Module):
+    """FP32 LayerNorm with fp32 weight and bias (the reference's `norm2`); returns fp32."""
+
+    def __init__(self, dim: int, eps: float, *, rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), jnp.float32, ("embed",))
+        self.bias = param(rngs, zeros, (dim,), jnp.float32, ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.eps) * self.scale[...] + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with fp32 statistics: the normalised value is rounded to the input dtype, then
+    multiplied by the weight (torch.nn.RMSNorm / the reference's fused kernel)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, axis_name: str = "embed", rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), dtype, (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def pad_end_to_multiple(x: jax.Array, multiples: Sequence[int], axes: Sequence[int]) -> jax.Array:
+    """Replicate-pad the end of each axis in `axes` up to a multiple (torch `pad(..., 'replicate')`)."""
+    pad = [(0, 0)] * x.ndim
+    for axis, m in zip(axes, multiples):
+        pad[axis] = (0, -x.shape[axis] % m)
+    if all(p == (0, 0) for p in pad):
+        return x
+    return jnp.pad(x, pad, mode="edge")
+
+
+class PatchEmbed(nnx.Module):
+    """A Conv3d whose kernel equals its stride, done as a matmul over non-overlapping patches.
+
+    Input and output are channels last: [B, T, H, W, C] -> [B, T', H', W', D]. The kernel is stored
+    as Flax's conv layout [kT, kH, kW, C, D]. With `pad_to_multiple`, the end of T, H and W is
+    replicate-padded first (the history terms); otherwise a remainder is dropped, as a VALID conv does.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, pad_to_multiple: bool, dtype, rngs):
+        self.kernel_size = tuple(kernel_size)
+        self.pad_to_multiple = pad_to_multiple
+        self.dtype = dtype
+        shape = (*self.kernel_size, in_channels, out_channels)
+        self.kernel = param(rngs, xavier_uniform, shape, dtype, (None, None, None, None, "embed"))
+        self.bias = param(rngs, zeros, (out_channels,), dtype, ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kt, kh, kw = self.kernel_size
+        if self.pad_to_multiple:
+            x = pad_end_to_multiple(x, self.kernel_size, axes=(1, 2, 3))
+        b, t, h, w, c = x.shape
+        t, h, w = t // kt, h // kh, w // kw
+        x = x[:, : t * kt, : h * kh, : w * kw].astype(self.dtype)
+        x = x.reshape(b, t, kt, h, kh, w, kw, c)
+        y = jnp.einsum("bTtHhWwc,thwcd->bTHWd", x, self.kernel[...], preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)

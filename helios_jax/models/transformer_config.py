@@ -1,0 +1,107 @@
+"""Transformer configuration: diffusers' `HeliosTransformer3DModel` fields plus our execution fields."""
+from __future__ import annotations
+
+import ml_collections
+
+# Defaults of diffusers' HeliosTransformer3DModel, which are the released 14B values (spec §1.1).
+DIFFUSERS_FIELDS = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",  # accepted, never read: q/k norms are always RMSNorm across heads
+    eps=1e-6,
+    added_kv_proj_dim=None,
+    rope_dim=(44, 42, 42),
+    rope_theta=10000.0,
+    guidance_cross_attn=True,
+    zero_history_timestep=True,
+    has_multi_term_memory_patch=True,
+    is_amplify_history=False,
+    history_scale_mode="per_head",
+)
+
+# Execution choices that config.json does not carry.
+EXECUTION_FIELDS = dict(
+    dtype="bfloat16",  # parameter and activation dtype; fp32 islands follow the reference
+    attention_impl="xla",  # see helios_jax.kernels.dot_product_attention
+    remat_policy="none",  # none | full | dots | dots_with_no_batch_dims | offload_dots
+)
+
+# The diffusers unit-test model (hf-internal-testing/tiny-helios-base-transformer), in fp32.
+TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    rope_dim=(4, 4, 4),
+    dtype="float32",
+)
+
+PRESETS = {"helios_14b": {}, "tiny": TINY}
+
+# Keys the official (training) class writes into config.json. They change nothing in the released
+# model, except these two, whose paths this port does not have.
+OFFICIAL_ONLY_UNSUPPORTED = ("restrict_self_attn", "is_amplify_history")
+
+
+def transformer_config(**overrides) -> ml_collections.ConfigDict:
+    """The 14B config with `overrides` applied; an unknown field is an error."""
+    fields = {**DIFFUSERS_FIELDS, **EXECUTION_FIELDS}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown transformer config field(s): {', '.join(unknown)}")
+    fields.update(overrides)
+    fields["patch_size"] = tuple(fields["patch_size"])
+    fields["rope_dim"] = tuple(fields["rope_dim"])
+    config = ml_collections.ConfigDict(fields)
+    validate(config)
+    return config
+
+
+def preset(name: str, **overrides) -> ml_collections.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return transformer_config(**{**PRESETS[name], **overrides})
+
+
+def from_diffusers_json(config_json: dict, **overrides) -> ml_collections.ConfigDict:
+    """Config from a diffusers `transformer/config.json` dict. Extra keys (`_class_name`, the
+    official class's training-only keys, ...) are ignored; a flag this port does not implement
+    is refused."""
+    for key in OFFICIAL_ONLY_UNSUPPORTED:
+        if config_json.get(key):
+            raise ValueError(
+                f"config.json sets {key}=true: that path of the official training module is not "
+                "part of the released Helios models and is not implemented"
+            )
+    fields = {k: v for k, v in config_json.items() if k in DIFFUSERS_FIELDS}
+    return transformer_config(**fields, **overrides)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    for key in OFFICIAL_ONLY_UNSUPPORTED:
+        if config.get(key):
+            raise ValueError(f"{key}=true is not supported (official-module-only path, spec §2.9)")
+    if sum(config.rope_dim) != config.attention_head_dim:
+        raise ValueError(
+            f"rope_dim {tuple(config.rope_dim)} must sum to attention_head_dim {config.attention_head_dim}"
+        )
+    if config.added_kv_proj_dim is not None:
+        raise ValueError("added_kv_proj_dim (the Wan I2V image path) is not used by Helios and not supported")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}")
+
+
+def history_patch_kernels(config) -> tuple[tuple[int, int, int], ...]:
+    """Kernels of patch_short/mid/long: 1x, 2x and 4x the main patch (spec §2.2)."""
+    return tuple(tuple(m * p for p in config.patch_size) for m in (1, 2, 4))

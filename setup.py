@@ -1,0 +1,34 @@
+"""Packaging for helios-jax: the JAX/Flax port of the Helios video diffusion transformer."""
+from setuptools import find_packages, setup
+
+setup(
+    name="helios-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of Helios, an autoregressive video diffusion transformer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.12",
+    packages=find_packages(include=["helios_jax", "helios_jax.*", "checkpoints_convert", "checkpoints_convert.*"]),
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "tensorstore",
+        "ml_collections",
+        "grain",
+        "safetensors",
+        "numpy",
+        "imageio",
+        "imageio-ffmpeg",
+        "tqdm",
+    ],
+    extras_require={
+        # References for parity tests only; the product never imports torch.
+        "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers"],
+        "data": ["tensorflow-datasets"],
+    },
+    entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},
+)
