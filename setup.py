@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         # References for parity tests only; the product never imports torch.
-        "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers"],
+        "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate"],
         "data": ["tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},

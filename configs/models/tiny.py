@@ -7,4 +7,4 @@ from helios_jax.models.transformer_config import TINY, transformer_config
 
 
 def get_config(arg=None):
-    return transformer_config(**TINY, **({"dtype": arg} if arg else {}))
+    return transformer_config(**{**TINY, **({"dtype": arg} if arg else {})})
