@@ -23,6 +23,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()}")
         if q.dtype.name not in ("bfloat16", "float16"):
             raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 q/k/v, got {q.dtype}")
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
