@@ -7,27 +7,11 @@ import torch
 from diffusers import HeliosTransformer3DModel as TorchHelios
 
 from helios_jax.loading import transformer_from_state_dict
-from helios_jax.models.transformer_config import DIFFUSERS_FIELDS, transformer_config
+from helios_jax.models.transformer_config import DIFFUSERS_FIELDS, TINY, transformer_config
 
-# diffusers unit-test model: hf-internal-testing/tiny-helios-base-transformer.
-TINY_DIFFUSERS = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_dim=(4, 4, 4),
-    has_multi_term_memory_patch=True,
-    guidance_cross_attn=True,
-    zero_history_timestep=True,
-    is_amplify_history=False,
-)
+# diffusers unit-test model (hf-internal-testing/tiny-helios-base-transformer): our tiny preset's
+# architecture fields, handed to the diffusers class.
+TINY_DIFFUSERS = {k: v for k, v in {**DIFFUSERS_FIELDS, **TINY}.items() if k in DIFFUSERS_FIELDS}
 
 
 class StateDict:
