@@ -71,3 +71,10 @@ def test_history_arguments_must_come_in_pairs():
     del inputs["indices_latents_history_mid"]
     with pytest.raises(ValueError, match="indices_latents_history_mid"):
         model(**inputs)
+
+
+def test_module_works_under_nnx_jit():
+    model = HeliosTransformer3DModel(preset("tiny"), rngs=nnx.Rngs(0))
+    inputs = example_inputs(model.config, (2, 8, 8), text_len=8)
+    jitted = nnx.jit(lambda model, inputs: model(**inputs))(model, inputs)
+    np.testing.assert_allclose(jitted, model(**inputs), rtol=1e-5, atol=1e-6)

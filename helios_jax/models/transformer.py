@@ -201,6 +201,7 @@ class HeliosTransformer3DModel(nnx.Module):
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         validate(config)
+        config = ml_collections.FrozenConfigDict(config)  # hashable: the module is usable under nnx.jit
         self.config = config
         dim = config.num_attention_heads * config.attention_head_dim
         dtype = jnp.dtype(config.dtype)
