@@ -78,3 +78,11 @@ def test_module_works_under_nnx_jit():
     inputs = example_inputs(model.config, (2, 8, 8), text_len=8)
     jitted = nnx.jit(lambda model, inputs: model(**inputs))(model, inputs)
     np.testing.assert_allclose(jitted, model(**inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_history_indices_without_latents_name_the_missing_tensor():
+    model = HeliosTransformer3DModel(preset("tiny"), rngs=nnx.Rngs(0))
+    inputs = example_inputs(model.config, (2, 8, 8), text_len=4)
+    del inputs["latents_history_long"]
+    with pytest.raises(ValueError, match="indices_latents_history_long needs latents_history_long"):
+        model(**inputs)

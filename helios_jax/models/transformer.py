@@ -281,8 +281,9 @@ class HeliosTransformer3DModel(nnx.Module):
         given = {name: (latents, indices) for latents, indices, name in (short, mid, long)}
         for name, (latents, indices) in given.items():
             if (latents is None) != (indices is None):
-                missing = f"indices_latents_history_{name}" if indices is None else f"latents_history_{name}"
-                raise ValueError(f"latents_history_{name} needs {missing} as well")
+                pair = (f"latents_history_{name}", f"indices_latents_history_{name}")
+                given_name, missing = pair if indices is None else pair[::-1]
+                raise ValueError(f"{given_name} needs {missing} as well")
         if given["short"][0] is None:
             if given["mid"][0] is not None or given["long"][0] is not None:
                 raise ValueError("latents_history_mid/long need latents_history_short (their RoPE grid is its grid)")
