@@ -1,0 +1,17 @@
+"""The benchmark scripts run end to end on a CPU (their numbers are not checked: speed is for bench/)."""
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_transformer_bench_prints_rate_and_ratios():
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "transformer.py"), "--config", "tiny", "--latent-size", "3,8,8",
+         "--iters", "1", "--torch-baseline"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for expected in ("TFLOP/s", "fraction of matmul rate", "ratio jax[xla]", "speed-up jax[xla] over torch"):
+        assert expected in result.stdout, result.stdout
