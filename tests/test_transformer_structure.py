@@ -65,11 +65,18 @@ def test_remat_policy_keeps_values_and_gradients(policy):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def test_history_arguments_must_come_in_pairs():
+@pytest.mark.parametrize(
+    "dropped, message",
+    [
+        ("indices_latents_history_mid", "latents_history_mid needs indices_latents_history_mid"),
+        ("latents_history_long", "indices_latents_history_long needs latents_history_long"),
+    ],
+)
+def test_history_arguments_must_come_in_pairs(dropped, message):
     model = HeliosTransformer3DModel(preset("tiny"), rngs=nnx.Rngs(0))
     inputs = example_inputs(model.config, (2, 8, 8), text_len=4)
-    del inputs["indices_latents_history_mid"]
-    with pytest.raises(ValueError, match="indices_latents_history_mid"):
+    del inputs[dropped]
+    with pytest.raises(ValueError, match=message):
         model(**inputs)
 
 
@@ -79,10 +86,3 @@ def test_module_works_under_nnx_jit():
     jitted = nnx.jit(lambda model, inputs: model(**inputs))(model, inputs)
     np.testing.assert_allclose(jitted, model(**inputs), rtol=1e-5, atol=1e-6)
 
-
-def test_history_indices_without_latents_name_the_missing_tensor():
-    model = HeliosTransformer3DModel(preset("tiny"), rngs=nnx.Rngs(0))
-    inputs = example_inputs(model.config, (2, 8, 8), text_len=4)
-    del inputs["latents_history_long"]
-    with pytest.raises(ValueError, match="indices_latents_history_long needs latents_history_long"):
-        model(**inputs)
