@@ -9,14 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-HISTORY_FRAMES = {"long": 16, "mid": 2, "short": 2}
+# Frame indices of each history term, the same for every chunk (spec §2.1).
+HISTORY_INDICES = {"long": tuple(range(1, 17)), "mid": (17, 18), "short": (0, 19)}
 
 
 def example_inputs(config, latent_size=(9, 48, 80), *, batch=1, history=True, text_len=512,
                    real_text_len=64, seed=0, current_size=None) -> dict:
     """Keyword arguments for `HeliosTransformer3DModel.__call__`. `current_size` (T, H, W) lets the
     current chunk be smaller than the history, as in pyramid stages; it defaults to `latent_size`."""
-    frames, height, width = latent_size
+    _, height, width = latent_size  # the history is always 16 + 2 + 2 frames at this H x W
     current = tuple(current_size or latent_size)
     keys = iter(jax.random.split(jax.random.key(seed), 8))
     dtype = jnp.dtype(config.dtype)
@@ -34,12 +35,9 @@ def example_inputs(config, latent_size=(9, 48, 80), *, batch=1, history=True, te
         indices_hidden_states=jnp.arange(20, 20 + current[0]),
     )
     if history:
-        starts = {"short": None, "mid": 17, "long": 1}
-        for name, count in HISTORY_FRAMES.items():
-            inputs[f"latents_history_{name}"] = normal(batch, channels, count, height, width)
-            indices = jnp.array([0, 19]) if name == "short" else jnp.arange(starts[name], starts[name] + count)
-            inputs[f"indices_latents_history_{name}"] = indices
-    del frames  # the history length is fixed; `latent_size` gives its spatial size
+        for name, indices in HISTORY_INDICES.items():
+            inputs[f"latents_history_{name}"] = normal(batch, channels, len(indices), height, width)
+            inputs[f"indices_latents_history_{name}"] = jnp.array(indices)
     return inputs
 
 
@@ -52,7 +50,8 @@ def token_counts(config, latent_size=(9, 48, 80), *, history=True, current_size=
     if not history:
         return 0, current
     ceil = lambda a, b: -(-a // b)
-    short = 2 * (height // ph) * (width // pw)
-    mid = ceil(2, 2 * pt) * ceil(height, 2 * ph) * ceil(width, 2 * pw)
-    long = ceil(16, 4 * pt) * ceil(height, 4 * ph) * ceil(width, 4 * pw)
+    frames = {name: len(indices) for name, indices in HISTORY_INDICES.items()}
+    short = frames["short"] * (height // ph) * (width // pw)
+    mid = ceil(frames["mid"], 2 * pt) * ceil(height, 2 * ph) * ceil(width, 2 * pw)
+    long = ceil(frames["long"], 4 * pt) * ceil(height, 4 * ph) * ceil(width, 4 * pw)
     return short + mid + long, current
