@@ -56,11 +56,14 @@ def test_bf16_error_at_most_twice_diffusers_bf16_error(saved):
     assert 0 < our_error <= 2 * diffusers_error
 
 
-def _write_renamed(reference, folder, rename):
+def _write_folder(reference, folder, rename=lambda key: key, edit=lambda tensors, config: None):
+    """A diffusers-layout folder of the reference's weights, keys renamed and contents edited first."""
     folder.mkdir()
     tensors = {rename(k): v.detach().numpy().copy() for k, v in reference.state_dict().items()}
+    config = dict(reference.config, _class_name="HeliosTransformer3DModel")
+    edit(tensors, config)
     save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(dict(reference.config, _class_name="HeliosTransformer3DModel")))
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def _helios_legacy(key):
@@ -86,19 +89,10 @@ def _original_wan(key):
 @pytest.mark.parametrize("rename", [_helios_legacy, _original_wan], ids=["helios_legacy", "original_wan"])
 def test_legacy_key_names_load_the_same_model(saved, tmp_path, rename):
     reference, _, _ = saved
-    _write_renamed(reference, tmp_path / "legacy", rename)
+    _write_folder(reference, tmp_path / "legacy", rename=rename)
     inputs = inputs_for(reference)
     model = helios_jax.load(tmp_path / "legacy", dtype="float32")
     assert relative_error(run_ours(model, inputs), run_reference(reference, inputs)) <= 1e-4
-
-
-def _corrupt(reference, folder, edit):
-    folder.mkdir()
-    tensors = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
-    config = dict(reference.config, _class_name="HeliosTransformer3DModel")
-    edit(tensors, config)
-    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -115,7 +109,7 @@ def _corrupt(reference, folder, edit):
 )
 def test_broken_folder_is_refused_with_its_name(saved, tmp_path, edit, message):
     reference, _, _ = saved
-    _corrupt(reference, tmp_path / "broken", edit)
+    _write_folder(reference, tmp_path / "broken", edit=edit)
     with pytest.raises(CheckpointError, match=message):
         helios_jax.load(tmp_path / "broken")
 
