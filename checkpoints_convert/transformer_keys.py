@@ -79,6 +79,10 @@ class Target(NamedTuple):
     transform: str
 
 
+# What `locate` returns for a key that is read past, as diffusers does.
+IGNORED_KEY = Target("", None, "ignored")
+
+
 def canonical_key(key: str) -> str:
     """Rewrite a legacy key to its current diffusers name (unchanged if already current)."""
     for pattern, replacement in LEGACY_ALIASES:
@@ -99,6 +103,12 @@ def target_of(key: str) -> Target | None:
         if match:
             return Target(template.format(*match.groups()), layer, transform)
     return None
+
+
+def locate(key: str) -> Target | None:
+    """Target of any accepted key (legacy names included); IGNORED for keys the reference drops."""
+    canonical = canonical_key(key)
+    return IGNORED_KEY if is_ignored(canonical) else target_of(canonical)
 
 
 def to_our_layout(array: np.ndarray, transform: str) -> np.ndarray:

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert import transformer_keys
+from checkpoints_convert import transformer_keys, vae_keys
 from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import from_diffusers_json
+from helios_jax.models.vae import AutoencoderKLWan
+from helios_jax.models import vae_config
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -21,7 +23,7 @@ def load(path, *, dtype=None, mesh=None):
     """The NNX module of one component folder (diffusers format; config.json + safetensors).
 
     dtype: a jnp dtype or its name; sets parameter and compute dtype (fp32 islands stay fp32).
-    None keeps the component's default (bf16 for the transformer).
+    None keeps the component's default (bf16 for the transformer, fp32 for the VAE).
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -36,6 +38,8 @@ def load(path, *, dtype=None, mesh=None):
     class_name = config_json.get("_class_name")
     if class_name == "HeliosTransformer3DModel":
         return load_transformer(folder, config_json, dtype=dtype_name(dtype))
+    if class_name == "AutoencoderKLWan":
+        return load_vae(folder, config_json, dtype=dtype_name(dtype))
     raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
 
 
@@ -57,27 +61,48 @@ def load_transformer(folder: Path, config_json: dict, *, dtype: str | None = Non
     return transformer_from_state_dict(config, SafetensorsFolder(folder))
 
 
-def transformer_from_state_dict(config, tensors) -> HeliosTransformer3DModel:
-    """Build the transformer and fill it from `tensors` (`.keys()` and `.read(key)`, diffusers names).
+def load_vae(folder: Path, config_json: dict, *, dtype: str | None = None) -> AutoencoderKLWan:
+    overrides = {"dtype": dtype} if dtype else {}
+    try:
+        config = vae_config.from_diffusers_json(config_json, **overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    return vae_from_state_dict(config, SafetensorsFolder(folder))
 
-    Every parameter must be given exactly once; unknown keys are an error, so a wrong checkpoint is
-    never half loaded.
-    """
+
+def transformer_from_state_dict(config, tensors) -> HeliosTransformer3DModel:
+    """Build the transformer and fill it from `tensors` (`.keys()` and `.read(key)`, diffusers names)."""
     abstract = nnx.eval_shape(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))
+    return module_from_tensors(abstract, tensors, transformer_keys, num_layers=config.num_layers)
+
+
+def vae_from_state_dict(config, tensors) -> AutoencoderKLWan:
+    """Build the VAE and fill it from `tensors` (diffusers `AutoencoderKLWan` names)."""
+    abstract = nnx.eval_shape(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)))
+    return module_from_tensors(abstract, tensors, vae_keys)
+
+
+def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0) -> nnx.Module:
+    """Fill an `nnx.eval_shape`d module from `tensors` (`.keys()`, `.read(key)`, optional `.file_of(key)`).
+
+    `key_map` is a module of `checkpoints_convert` with `locate(key) -> Target | None` and
+    `to_our_layout(array, transform)`. Every parameter must be given exactly once and unknown keys
+    are an error, so a wrong checkpoint is never half loaded. Leaves whose logical axes start with
+    `layers` are stacked: a key fills one layer of them.
+    """
+    class_name = type(abstract).__name__
     graphdef, state = nnx.split(abstract)
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
     buffers = {name: np.empty(var.shape, var.dtype) for name, var in flat.items()}
-    num_layers = config.num_layers
     filled: dict[str, set] = {name: set() for name in flat}
     where = getattr(tensors, "file_of", lambda key: "checkpoint")
     for key in tensors.keys():
-        canonical = transformer_keys.canonical_key(key)
-        if transformer_keys.is_ignored(canonical):
+        target = key_map.locate(key)
+        if target is getattr(key_map, "IGNORED_KEY", None):
             continue
-        target = transformer_keys.target_of(canonical)
         if target is None or target.path not in buffers:
-            raise CheckpointError(f"{where(key)}: tensor {key} has no place in HeliosTransformer3DModel")
-        array = transformer_keys.to_our_layout(np.asarray(tensors.read(key)), target.transform)
+            raise CheckpointError(f"{where(key)}: tensor {key} has no place in {class_name}")
+        array = key_map.to_our_layout(np.asarray(tensors.read(key)), target.transform)
         buffer = buffers[target.path]
         slot = buffer if target.layer is None else buffer[target.layer] if target.layer < num_layers else None
         if slot is None:
