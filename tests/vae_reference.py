@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan as TorchWanVAE
 
-from diffusers_reference import StateDict
+from tests.diffusers_reference import StateDict
 from helios_jax.loading import vae_from_state_dict
 from helios_jax.models.vae_config import DIFFUSERS_FIELDS, vae_config
 

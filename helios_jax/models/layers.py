@@ -10,40 +10,60 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
 
 
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
-    """A parameter tagged with its logical axis names (one per dimension)."""
+    """A parameter tagged with its logical axis names (one per dimension).
+
+    `init(key, shape, dtype)` gets a jax key when traced (eval_shape, jit, vmap) and a numpy
+    Generator seeded from the key otherwise: eager jax.random compiles a kernel per shape (about
+    half a second each on a CPU), which made building a model with many shapes take minutes.
+    """
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
+    if not isinstance(key, jax.core.Tracer):
+        key = np.random.default_rng(np.asarray(jax.random.key_data(key)))
     # Sharding is applied when a mesh is given (helios_jax.parallel), not at creation.
-    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
+    return nnx.Param(jnp.asarray(init(key, tuple(shape), dtype)), out_sharding=axes, eager_sharding=False)
+
+
+def _uniform(key, shape, low: float, high: float):
+    if isinstance(key, np.random.Generator):
+        return key.uniform(low, high, shape).astype(np.float32)
+    return jax.random.uniform(key, shape, jnp.float32, low, high)
+
+
+def _standard_normal(key, shape):
+    if isinstance(key, np.random.Generator):
+        return key.standard_normal(shape, dtype=np.float32)
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 def xavier_uniform(key, shape, dtype):
     # Treat every leading dimension as fan-in, as torch does for a [out, in] Linear weight.
     fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
     limit = (6.0 / (fan_in + fan_out)) ** 0.5
-    return jax.random.uniform(key, shape, jnp.float32, -limit, limit).astype(dtype)
+    return _uniform(key, shape, -limit, limit).astype(dtype)
 
 
 def zeros(key, shape, dtype):
     del key
-    return jnp.zeros(shape, dtype)
+    return np.zeros(shape, dtype)
 
 
 def ones(key, shape, dtype):
     del key
-    return jnp.ones(shape, dtype)
+    return np.ones(shape, dtype)
 
 
 def normal(stddev: float):
     def init(key, shape, dtype):
-        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return (stddev * _standard_normal(key, shape)).astype(dtype)
 
     return init
 

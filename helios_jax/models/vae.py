@@ -168,27 +168,24 @@ class AutoencoderKLWan(nnx.Module):
         return self.encode_posterior(x).mean
 
     def encode_posterior(self, x: jax.Array) -> DiagonalGaussian:
+        """Video [B, 3, T, H, W] -> the posterior (mean and clamped logvar, [B, z, T', h, w])."""
         self._check_video(x, self.config.in_channels, "x")
-        moments = to_channels_first(_encode_jit(self, to_channels_last(x)))
-        mean, logvar = jnp.split(moments, 2, axis=1)
-        return DiagonalGaussian(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
+        return _encode_jit(self, x)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Latents [B, z, T, h, w] (denormalised) -> frames [B, 3, 1 + 4(T-1), 8h, 8w] in [-1, 1]."""
         self._check_video(z, self.config.z_dim, "z")
-        return to_channels_first(_decode_jit(self, to_channels_last(z)))
+        return _decode_jit(self, z, None)[0]
 
     def decode_start(self, z: jax.Array) -> tuple[jax.Array, dict]:
         """Decode the first latents of a segment; returns the frames and the cache for `decode_continue`."""
         self._check_video(z, self.config.z_dim, "z")
-        frames, cache = _decode_with_cache_jit(self, to_channels_last(z), None)
-        return to_channels_first(frames), cache
+        return _decode_jit(self, z, None)
 
     def decode_continue(self, z: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Decode the next latents of the segment that produced `cache` (4 frames per latent)."""
         self._check_video(z, self.config.z_dim, "z")
-        frames, cache = _decode_with_cache_jit(self, to_channels_last(z), cache)
-        return to_channels_first(frames), cache
+        return _decode_jit(self, z, cache)
 
     def normalize_latents(self, z: jax.Array, *, channel_axis: int = 1) -> jax.Array:
         """(z - mean) * (1 / std) with the checkpoint's latents_mean / latents_std, in fp32 (spec A.8)."""
@@ -198,7 +195,10 @@ class AutoencoderKLWan(nnx.Module):
     def denormalize_latents(self, z: jax.Array, *, channel_axis: int = 1) -> jax.Array:
         """z_n / (1 / std) + mean: the reference divides by the fp32 reciprocal, which rounds differently."""
         mean, inv_std = self._latent_stats(z.ndim, channel_axis)
-        return z.astype(jnp.float32) / inv_std + mean
+        # XLA turns x / broadcast(c) into x * broadcast(1 / c), one ulp off in places; the barrier
+        # keeps the true division the reference does.
+        divisor = jax.lax.optimization_barrier(jnp.broadcast_to(inv_std, z.shape))
+        return z.astype(jnp.float32) / divisor + mean
 
     # Traceable channels-last paths, for callers that are already inside a jitted program.
 
@@ -254,16 +254,17 @@ class AutoencoderKLWan(nnx.Module):
             raise ValueError(f"{name} must be [B, {channels}, T>=1, H, W] (channels first); got shape {tuple(x.shape)}")
 
 
+# The public calls, jitted whole (layout changes included) so a call is one compiled program.
+
+
 @nnx.jit
 def _encode_jit(vae: AutoencoderKLWan, x):
-    return vae.encode_moments(x)
+    moments = to_channels_first(vae.encode_moments(to_channels_last(x)))
+    mean, logvar = jnp.split(moments, 2, axis=1)
+    return DiagonalGaussian(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
 
 
 @nnx.jit
-def _decode_jit(vae: AutoencoderKLWan, z):
-    return vae.decode_frames(z)[0]
-
-
-@nnx.jit
-def _decode_with_cache_jit(vae: AutoencoderKLWan, z, cache):
-    return vae.decode_frames(z, cache)
+def _decode_jit(vae: AutoencoderKLWan, z, cache):
+    frames, cache = vae.decode_frames(to_channels_last(z), cache)
+    return to_channels_first(frames), cache
