@@ -11,6 +11,7 @@ from flax import nnx
 
 from checkpoints_convert import transformer_keys, vae_keys
 from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
+from helios_jax.models.text_encoder_loading import is_text_encoder_config, load_text_encoder
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import from_diffusers_json
 from helios_jax.models.vae import AutoencoderKLWan
@@ -23,7 +24,7 @@ def load(path, *, dtype=None, mesh=None):
     """The NNX module of one component folder (diffusers format; config.json + safetensors).
 
     dtype: a jnp dtype or its name; sets parameter and compute dtype (fp32 islands stay fp32).
-    None keeps the component's default (bf16 for the transformer, fp32 for the VAE).
+    None keeps the component's default (bf16 for the transformer and the text encoder, fp32 for the VAE).
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -40,6 +41,8 @@ def load(path, *, dtype=None, mesh=None):
         return load_transformer(folder, config_json, dtype=dtype_name(dtype))
     if class_name == "AutoencoderKLWan":
         return load_vae(folder, config_json, dtype=dtype_name(dtype))
+    if is_text_encoder_config(config_json):  # transformers folders name the class in `architectures`
+        return load_text_encoder(folder, config_json, dtype=dtype_name(dtype))
     raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
 
 
