@@ -48,3 +48,14 @@ def write_tokenizer_folder(folder: Path, vocab_size: int = 1000) -> Path:
     tokenizer_dir = folder / "tokenizer"
     T5Tokenizer.from_pretrained(spm_dir).save_pretrained(tokenizer_dir)
     return tokenizer_dir
+
+
+def character_tokenizer():
+    """A PromptTokenizer over single characters (no SentencePiece needed): ids < 100."""
+    from helios_jax.text.tokenizer import PromptTokenizer, build_backend
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+    vocab = [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0], ["▁", -2.0]]
+    vocab += [[c, -3.0] for c in characters] + [["▁" + c, -3.0] for c in characters]
+    added = [{"content": token, "special": True} for token in ("<pad>", "</s>", "<unk>")]
+    return PromptTokenizer(build_backend({"model": {"type": "Unigram", "vocab": vocab}, "added_tokens": added}))
