@@ -1,16 +1,18 @@
 """Key and layout map between transformers' `UMT5EncoderModel` state dict and our NNX tree.
 
 `encoder.block.7.layer.0.SelfAttention.q.weight` maps to `blocks.attention.q.kernel`, layer 7 of
-the stacked leaf, transposed to [in, out]. The token table is stored as `shared.weight`; the tied
-`encoder.embed_tokens.weight` is usually absent (spec B.5) and, when present, is the same tensor:
-transformers ties it to `shared`, so `shared` wins (see `TOKEN_TABLE_ALIAS`).
+the stacked leaf, transposed to [in, out]. The token table is stored as `shared.weight`; the
+encoder's own `encoder.embed_tokens.weight` is tied to it and usually not stored (spec B.5). When it
+is stored, transformers uses it, even where it differs from `shared.weight` (it then unties the
+two); `UsedTokenTable` makes a reader show only the table the encoder uses.
 """
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 import numpy as np
+
+from checkpoints_convert.transformer_keys import Target
 
 # Layout transforms, torch -> ours. Each has an exact inverse in `to_torch_layout`.
 LINEAR, SAME = "linear", "same"
@@ -42,12 +44,6 @@ _TORCH_OF_BLOCK = (
 )
 
 
-class Target(NamedTuple):
-    path: str  # dotted NNX path of the leaf
-    layer: int | None  # index into the stacked `layers` axis, for block parameters
-    transform: str
-
-
 def target_of(key: str) -> Target | None:
     """Where a transformers key lands in our tree, or None if it has no place."""
     block = re.match(r"^encoder\.block\.(\d+)\.(.+)$", key)
@@ -57,6 +53,30 @@ def target_of(key: str) -> Target | None:
         if match:
             return Target(template.format(*match.groups()), layer, transform)
     return None
+
+
+def locate(key: str) -> Target | None:
+    """Target of any accepted key (the protocol of `helios_jax.loading.module_from_tensors`)."""
+    return target_of(key)
+
+
+class UsedTokenTable:
+    """A tensor reader that hides `shared.weight` when `encoder.embed_tokens.weight` is also stored,
+    so that the encoder gets the table transformers' encoder reads."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+        names = list(tensors.keys())
+        self._keys = [k for k in names if not (k == TOKEN_TABLE and TOKEN_TABLE_ALIAS in names)]
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def read(self, key: str):
+        return self._tensors.read(key)
+
+    def file_of(self, key: str):
+        return getattr(self._tensors, "file_of", lambda _: "checkpoint")(key)
 
 
 def torch_key_of(path: str, layer: int | None = None) -> str:

@@ -124,19 +124,26 @@ def _rewrite(reference, folder, edit):
     return folder
 
 
-def test_token_table_from_the_tied_alias_alone(saved, tmp_path):
+def test_token_table_is_the_one_transformers_uses(saved, tmp_path):
+    """Tied and unstored (the released checkpoint): `shared.weight`. Stored as well: transformers
+    unties the two and its encoder reads `encoder.embed_tokens.weight`, even when it differs."""
     reference, _, _ = saved
-    folder = _rewrite(reference, tmp_path / "alias", lambda t: t.update({"encoder.embed_tokens.weight": t.pop("shared.weight")}))
     ids, mask = padded_batch(reference.config.vocab_size, (10, 4), 16, seed=6)
-    got = np.asarray(helios_jax.load(folder, dtype="float32")(ids, mask))
-    assert relative_error(got, run_reference(reference, ids, mask)) <= TOLERANCE
+    other_table = lambda t: t.update({"encoder.embed_tokens.weight": 0.5 * t["shared.weight"][::-1].copy()})
+    for name, edit in (("alias_only", lambda t: t.update({"encoder.embed_tokens.weight": t.pop("shared.weight")})),
+                       ("both_differ", other_table)):
+        folder = _rewrite(reference, tmp_path / name, edit)
+        expected = run_reference(TorchUMT5Encoder.from_pretrained(folder).eval(), ids, mask)
+        got = np.asarray(helios_jax.load(folder, dtype="float32")(ids, mask))
+        assert relative_error(got, expected) <= TOLERANCE, name
+    assert relative_error(expected, run_reference(reference, ids, mask)) > 0.1  # the other table did matter
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.pop("encoder.block.2.layer.1.DenseReluDense.wo.weight"), "missing 1 tensor.*block.2.layer.1"),
-        (lambda t: t.pop("shared.weight"), "missing 1 tensor.*shared.weight"),
+        (lambda t: t.pop("encoder.block.2.layer.1.DenseReluDense.wo.weight"), "missing 1 parameter.*blocks.feed_forward.wo.kernel"),
+        (lambda t: t.pop("shared.weight"), "missing 1 parameter.*token_embedding.embedding"),
         (lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(64, np.float32)}), "q.bias"),
         (lambda t: t.update({"encoder.block.3.layer.0.layer_norm.weight": np.ones(64, np.float32)}), "beyond num_layers"),
         (lambda t: t.update({"encoder.final_layer_norm.weight": np.ones(5, np.float32)}), "final_layer_norm.weight has shape"),

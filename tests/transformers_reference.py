@@ -7,8 +7,8 @@ import torch
 from transformers import UMT5Config
 from transformers import UMT5EncoderModel as TorchUMT5Encoder
 
+from helios_jax.loading import text_encoder_from_state_dict
 from helios_jax.models.text_encoder_config import PRESETS, TRANSFORMERS_FIELDS, text_encoder_config
-from helios_jax.models.text_encoder_loading import text_encoder_from_state_dict
 from tests.diffusers_reference import StateDict, relative_error  # noqa: F401 (re-exported for the tests)
 
 
