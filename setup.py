@@ -24,10 +24,13 @@ setup(
         "imageio",
         "imageio-ffmpeg",
         "tqdm",
+        "tokenizers",  # the UMT5 tokenizer (tokenizer.json); transformers is not needed at run time
+        "ftfy",  # prompt cleaning, as the reference does it
     ],
     extras_require={
         # References for parity tests only; the product never imports torch.
-        "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate"],
+        "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
+                 "sentencepiece"],  # sentencepiece builds the test tokenizer
         "data": ["tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},

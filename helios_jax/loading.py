@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert import transformer_keys, vae_keys
+from checkpoints_convert import text_encoder_keys, transformer_keys, vae_keys
 from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
+from helios_jax.models.text_encoder import UMT5EncoderModel
+from helios_jax.models.text_encoder_config import from_transformers_json
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import from_diffusers_json
 from helios_jax.models.vae import AutoencoderKLWan
@@ -23,7 +25,7 @@ def load(path, *, dtype=None, mesh=None):
     """The NNX module of one component folder (diffusers format; config.json + safetensors).
 
     dtype: a jnp dtype or its name; sets parameter and compute dtype (fp32 islands stay fp32).
-    None keeps the component's default (bf16 for the transformer, fp32 for the VAE).
+    None keeps the component's default (bf16 for the transformer and the text encoder, fp32 for the VAE).
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -40,6 +42,8 @@ def load(path, *, dtype=None, mesh=None):
         return load_transformer(folder, config_json, dtype=dtype_name(dtype))
     if class_name == "AutoencoderKLWan":
         return load_vae(folder, config_json, dtype=dtype_name(dtype))
+    if "UMT5EncoderModel" in (config_json.get("architectures") or ()):  # transformers folders have no _class_name
+        return load_text_encoder(folder, config_json, dtype=dtype_name(dtype))
     raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
 
 
@@ -70,6 +74,15 @@ def load_vae(folder: Path, config_json: dict, *, dtype: str | None = None) -> Au
     return vae_from_state_dict(config, SafetensorsFolder(folder))
 
 
+def load_text_encoder(folder: Path, config_json: dict, *, dtype: str | None = None) -> UMT5EncoderModel:
+    overrides = {"dtype": dtype} if dtype else {}
+    try:
+        config = from_transformers_json(config_json, **overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    return text_encoder_from_state_dict(config, SafetensorsFolder(folder))
+
+
 def transformer_from_state_dict(config, tensors) -> HeliosTransformer3DModel:
     """Build the transformer and fill it from `tensors` (`.keys()` and `.read(key)`, diffusers names)."""
     abstract = nnx.eval_shape(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))
@@ -80,6 +93,13 @@ def vae_from_state_dict(config, tensors) -> AutoencoderKLWan:
     """Build the VAE and fill it from `tensors` (diffusers `AutoencoderKLWan` names)."""
     abstract = nnx.eval_shape(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)))
     return module_from_tensors(abstract, tensors, vae_keys)
+
+
+def text_encoder_from_state_dict(config, tensors) -> UMT5EncoderModel:
+    """Build the UMT5 encoder and fill it from `tensors` (transformers `UMT5EncoderModel` names)."""
+    abstract = nnx.eval_shape(lambda: UMT5EncoderModel(config, rngs=nnx.Rngs(0)))
+    tensors = text_encoder_keys.UsedTokenTable(tensors)
+    return module_from_tensors(abstract, tensors, text_encoder_keys, num_layers=config.num_layers)
 
 
 def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0) -> nnx.Module:
@@ -98,7 +118,8 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
     where = getattr(tensors, "file_of", lambda key: "checkpoint")
     for key in tensors.keys():
         target = key_map.locate(key)
-        if target is getattr(key_map, "IGNORED_KEY", None):
+        # Without an IGNORED_KEY sentinel nothing is ignored (comparing with None would skip unknown keys).
+        if target is not None and target is getattr(key_map, "IGNORED_KEY", None):
             continue
         if target is None or target.path not in buffers:
             raise CheckpointError(f"{where(key)}: tensor {key} has no place in {class_name}")

@@ -1,0 +1,6 @@
+"""Prompts to text embeddings: cleaning, the UMT5 tokenizer and the `TextEncoder` front end."""
+from helios_jax.text.prompt_cleaning import clean_prompt
+from helios_jax.text.prompt_embeddings import TextEncoder, trim_and_zero_pad
+from helios_jax.text.tokenizer import MAX_LENGTH, PromptTokenizer
+
+__all__ = ["MAX_LENGTH", "PromptTokenizer", "TextEncoder", "clean_prompt", "trim_and_zero_pad"]
