@@ -30,6 +30,7 @@ from helios_jax.models.example_inputs import example_inputs, token_counts
 from helios_jax.models.flops import transformer_flops
 from helios_jax.models.forward import make_forward, parameter_count
 from helios_jax.models.transformer import HeliosTransformer3DModel
+from timing import matmul_rate, time_call
 
 
 def parse_args(argv):
@@ -49,23 +50,6 @@ def parse_args(argv):
     if args.dtype:
         config.dtype = args.dtype
     return args, config
-
-
-def time_call(fn, iters):
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def matmul_rate(dtype, size):
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda a: a @ a)
-    seconds = time_call(lambda: matmul(a), 5)
-    return 2 * size**3 / seconds
 
 
 def time_torch(args, config):

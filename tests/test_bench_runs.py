@@ -15,3 +15,14 @@ def test_transformer_bench_prints_rate_and_ratios():
     assert result.returncode == 0, result.stderr
     for expected in ("TFLOP/s", "fraction of matmul rate", "ratio jax[xla]", "speed-up jax[xla] over torch"):
         assert expected in result.stdout, result.stdout
+
+
+def test_vae_bench_prints_time_memory_and_speed_up():
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "vae.py"), "--config", "tiny", "--resolution", "32x48", "--latent-frames", "3",
+         "--iters", "1", "--torch-baseline"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for expected in ("ms/chunk", "frames/s", "peak memory", "speed-up jax over torch"):
+        assert expected in result.stdout, result.stdout

@@ -1,9 +1,12 @@
-"""The FLOP model and the pipeline-shaped example inputs agree with the spec's token and FLOP tables."""
+"""The FLOP models (transformer, VAE decode) and the pipeline-shaped example inputs agree with the spec's token and FLOP tables."""
 import pytest
 
 from helios_jax.models.example_inputs import example_inputs, token_counts
 from helios_jax.models.flops import transformer_flops
 from helios_jax.models.transformer_config import preset
+from helios_jax.models.vae_config import DIFFUSERS_FIELDS as VAE_FIELDS
+from helios_jax.models.vae_config import vae_config
+from helios_jax.models.vae_flops import decode_flops
 
 
 @pytest.mark.parametrize(
@@ -30,3 +33,24 @@ def test_example_inputs_have_pipeline_shapes():
     assert inputs["indices_latents_history_mid"].tolist() == [17, 18]
     assert inputs["indices_hidden_states"].tolist() == list(range(20, 29))
     assert float(abs(inputs["encoder_hidden_states"][:, 5:]).max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "latent, flops", [((9, 48, 80), 6.926e13), ((9, 60, 104), 1.128e14), ((1, 48, 80), 2.66e12), ((2, 48, 80), 1.10e13)]
+)
+def test_vae_decode_flops_match_spec_table(latent, flops):
+    assert decode_flops(vae_config(), *latent) == pytest.approx(flops, rel=2e-3)
+
+
+def test_vae_decode_flops_match_torch_flop_counter_on_diffusers():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.vae_reference import TINY_CONFIGS, build_reference
+
+    reference = build_reference(**TINY_CONFIGS["wan_structure"])
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        reference.decode(torch.zeros(1, 4, 3, 4, 6))
+    fields = {k: v for k, v in dict(reference.config).items() if k in VAE_FIELDS}
+    assert decode_flops(vae_config(**fields), 3, 4, 6) == counter.get_total_flops()

@@ -78,10 +78,11 @@ def _set(mapping, key, value):
         (lambda t, c: _set(c, "attn_scales", [0.5]), r"config.json: attn_scales must be empty"),
         (lambda t, c: t.pop("decoder.conv_out.bias"), r"missing 1 parameter\(s\), e.g. decoder.conv_out.bias"),
         (lambda t, c: _set(t, "decoder.extra.weight", np.zeros(2, np.float32)), r"tensor decoder.extra.weight has no place"),
+        (lambda t, c: _set(t, "decoder.conv_in.scale", np.zeros(2, np.float32)), r"tensor decoder.conv_in.scale has no place"),
         (lambda t, c: _set(t, "quant_conv.weight", np.zeros((8, 8, 1, 1, 2), np.float32)),
          r"tensor quant_conv.weight has shape \(1, 1, 2, 8, 8\) in our layout, expected \(1, 1, 1, 8, 8\)"),
     ],
-    ids=["wan2.2-residual", "attn-scales", "missing", "unexpected", "wrong-shape"],
+    ids=["wan2.2-residual", "attn-scales", "missing", "unexpected", "unknown-leaf", "wrong-shape"],
 )
 def test_broken_folders_are_refused_with_the_reason(saved, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):

@@ -1,0 +1,1 @@
+"""Sampling: conditioning latents (and, later, schedulers, pyramid resampling and the pipeline)."""
