@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from checkpoints_convert.transformer_keys import Target
+from checkpoints_convert.key_rules import Target, match_rules
 
 # Layout transforms, torch -> ours. Each has an exact inverse in `to_torch_layout`.
 LINEAR, SAME = "linear", "same"
@@ -46,13 +46,7 @@ _TORCH_OF_BLOCK = (
 
 def target_of(key: str) -> Target | None:
     """Where a transformers key lands in our tree, or None if it has no place."""
-    block = re.match(r"^encoder\.block\.(\d+)\.(.+)$", key)
-    rules, name, layer = (_BLOCK, block.group(2), int(block.group(1))) if block else (_TOP, key, None)
-    for pattern, template, transform in rules:
-        match = re.match(pattern, name)
-        if match:
-            return Target(template.format(*match.groups()), layer, transform)
-    return None
+    return match_rules(key, r"^encoder\.block\.(\d+)\.(.+)$", _TOP, _BLOCK)
 
 
 def locate(key: str) -> Target | None:

@@ -8,9 +8,10 @@ original Wan2.1 names) are rewritten to the current diffusers names first.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 import numpy as np
+
+from checkpoints_convert.key_rules import IGNORED_KEY, Target, match_rules  # noqa: F401 (re-exported)
 
 # Legacy name -> current diffusers name; applied in order, each at most once.
 LEGACY_ALIASES = (
@@ -73,16 +74,6 @@ _BLOCK = (
 )
 
 
-class Target(NamedTuple):
-    path: str  # dotted NNX path of the leaf
-    layer: int | None  # index into the stacked `layers` axis, for block parameters
-    transform: str
-
-
-# What `locate` returns for a key that is read past, as diffusers does.
-IGNORED_KEY = Target("", None, "ignored")
-
-
 def canonical_key(key: str) -> str:
     """Rewrite a legacy key to its current diffusers name (unchanged if already current)."""
     for pattern, replacement in LEGACY_ALIASES:
@@ -96,13 +87,7 @@ def is_ignored(key: str) -> bool:
 
 def target_of(key: str) -> Target | None:
     """Where a (canonical) diffusers key lands in our tree, or None if it has no place."""
-    block = re.match(r"^blocks\.(\d+)\.(.+)$", key)
-    rules, name, layer = (_BLOCK, block.group(2), int(block.group(1))) if block else (_TOP, key, None)
-    for pattern, template, transform in rules:
-        match = re.match(pattern, name)
-        if match:
-            return Target(template.format(*match.groups()), layer, transform)
-    return None
+    return match_rules(key, r"^blocks\.(\d+)\.(.+)$", _TOP, _BLOCK)
 
 
 def locate(key: str) -> Target | None:

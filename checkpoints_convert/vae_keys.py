@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from checkpoints_convert.transformer_keys import Target
+from checkpoints_convert.key_rules import Target
 
 CONV3D, CONV2D, CONV1X1, GAMMA_VIDEO, GAMMA_IMAGE, SAME = (
     "conv3d", "conv2d", "conv1x1", "gamma_video", "gamma_image", "same"

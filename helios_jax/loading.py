@@ -10,13 +10,14 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert import text_encoder_keys, transformer_keys, vae_keys
+from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
 from helios_jax.models.text_encoder import UMT5EncoderModel
 from helios_jax.models.text_encoder_config import from_transformers_json
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import from_diffusers_json
 from helios_jax.models.vae import AutoencoderKLWan
-from helios_jax.models import vae_config
+from helios_jax.models.vae_config import from_diffusers_json as vae_from_diffusers_json
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -38,13 +39,17 @@ def load(path, *, dtype=None, mesh=None):
     if mesh is not None:
         raise NotImplementedError("loading onto a mesh is not available yet (sharded loading is pending)")
     class_name = config_json.get("_class_name")
-    if class_name == "HeliosTransformer3DModel":
-        return load_transformer(folder, config_json, dtype=dtype_name(dtype))
-    if class_name == "AutoencoderKLWan":
-        return load_vae(folder, config_json, dtype=dtype_name(dtype))
     if "UMT5EncoderModel" in (config_json.get("architectures") or ()):  # transformers folders have no _class_name
-        return load_text_encoder(folder, config_json, dtype=dtype_name(dtype))
-    raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
+        class_name = "UMT5EncoderModel"
+    if class_name not in COMPONENTS:
+        raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
+    config_from_json, from_state_dict = COMPONENTS[class_name]
+    overrides = {"dtype": dtype_name(dtype)} if dtype is not None else {}
+    try:
+        config = config_from_json(config_json, **overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{config_path}: {error}") from None
+    return from_state_dict(config, SafetensorsFolder(folder))
 
 
 def dtype_name(dtype) -> str | None:
@@ -54,33 +59,6 @@ def dtype_name(dtype) -> str | None:
     if name not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {dtype!r}")
     return name
-
-
-def load_transformer(folder: Path, config_json: dict, *, dtype: str | None = None) -> HeliosTransformer3DModel:
-    overrides = {"dtype": dtype} if dtype else {}
-    try:
-        config = from_diffusers_json(config_json, **overrides)
-    except ValueError as error:
-        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return transformer_from_state_dict(config, SafetensorsFolder(folder))
-
-
-def load_vae(folder: Path, config_json: dict, *, dtype: str | None = None) -> AutoencoderKLWan:
-    overrides = {"dtype": dtype} if dtype else {}
-    try:
-        config = vae_config.from_diffusers_json(config_json, **overrides)
-    except ValueError as error:
-        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return vae_from_state_dict(config, SafetensorsFolder(folder))
-
-
-def load_text_encoder(folder: Path, config_json: dict, *, dtype: str | None = None) -> UMT5EncoderModel:
-    overrides = {"dtype": dtype} if dtype else {}
-    try:
-        config = from_transformers_json(config_json, **overrides)
-    except ValueError as error:
-        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return text_encoder_from_state_dict(config, SafetensorsFolder(folder))
 
 
 def transformer_from_state_dict(config, tensors) -> HeliosTransformer3DModel:
@@ -118,8 +96,7 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
     where = getattr(tensors, "file_of", lambda key: "checkpoint")
     for key in tensors.keys():
         target = key_map.locate(key)
-        # Without an IGNORED_KEY sentinel nothing is ignored (comparing with None would skip unknown keys).
-        if target is not None and target is getattr(key_map, "IGNORED_KEY", None):
+        if target is IGNORED_KEY:
             continue
         if target is None or target.path not in buffers:
             raise CheckpointError(f"{where(key)}: tensor {key} has no place in {class_name}")
@@ -148,3 +125,12 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
 def _stacked(var) -> bool:
     sharding = var.get_metadata().get("out_sharding") or ()
     return bool(sharding) and sharding[0] == "layers"
+
+
+# Component class (config.json `_class_name`, or `architectures` for transformers folders) ->
+# (config from that JSON, module from a tensor reader).
+COMPONENTS = {
+    "HeliosTransformer3DModel": (from_diffusers_json, transformer_from_state_dict),
+    "AutoencoderKLWan": (vae_from_diffusers_json, vae_from_state_dict),
+    "UMT5EncoderModel": (from_transformers_json, text_encoder_from_state_dict),
+}

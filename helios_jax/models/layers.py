@@ -32,6 +32,18 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes) 
     return nnx.Param(jnp.asarray(init(key, tuple(shape), dtype)), out_sharding=axes, eager_sharding=False)
 
 
+def stacked_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
+    """`num_layers` modules from `make_layer(rngs)` as one module whose parameters have a leading
+    `layers` axis, so the model runs them with one `lax.scan` (compile time flat in depth)."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return make_layer(rngs)
+
+    return make(rngs)
+
+
 def _uniform(key, shape, low: float, high: float):
     if isinstance(key, np.random.Generator):
         return key.uniform(low, high, shape).astype(np.float32)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from helios_jax.models.layers import RMSNorm, gelu_tanh, normal, param
+from helios_jax.models.layers import RMSNorm, gelu_tanh, normal, param, stacked_layers
 from helios_jax.models.text_encoder_config import validate
 
 
@@ -168,10 +168,4 @@ class UMT5EncoderModel(nnx.Module):
 
 def _stacked_blocks(config, rngs: nnx.Rngs) -> UMT5Block:
     """All blocks as one module whose parameters (bias tables included) have a leading `layers` axis."""
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs):
-        return UMT5Block(config, rngs=rngs)
-
-    return make(rngs)
+    return stacked_layers(lambda rngs: UMT5Block(config, rngs=rngs), config.num_layers, rngs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from helios_jax.models.config_builder import build_config, preset_overrides
+
 # The encoder-side fields of transformers' UMT5Config, at the google/umt5-xxl values that Wan2.1 and
 # Helios ship in `text_encoder/config.json`.
 TRANSFORMERS_FIELDS = dict(
@@ -36,20 +38,11 @@ SUPPORTED_FEED_FORWARD = ("gated-gelu",)
 
 def text_encoder_config(**overrides) -> ml_collections.ConfigDict:
     """The UMT5-XXL encoder config with `overrides` applied; an unknown field is an error."""
-    fields = {**TRANSFORMERS_FIELDS, **EXECUTION_FIELDS}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown text encoder config field(s): {', '.join(unknown)}")
-    fields.update(overrides)
-    config = ml_collections.ConfigDict(fields)
-    validate(config)
-    return config
+    return build_config("text encoder", {**TRANSFORMERS_FIELDS, **EXECUTION_FIELDS}, overrides, validate)
 
 
 def preset(name: str, **overrides) -> ml_collections.ConfigDict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown text encoder preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return text_encoder_config(**{**PRESETS[name], **overrides})
+    return text_encoder_config(**{**preset_overrides("text encoder", PRESETS, name), **overrides})
 
 
 def from_transformers_json(config_json: dict, **overrides) -> ml_collections.ConfigDict:

@@ -27,6 +27,7 @@ from helios_jax.models.layers import (
     normal,
     param,
     silu,
+    stacked_layers,
 )
 from helios_jax.models.transformer_config import history_patch_kernels, validate
 
@@ -322,13 +323,7 @@ class HeliosTransformer3DModel(nnx.Module):
 
 def _stacked_blocks(config, rngs: nnx.Rngs) -> HeliosBlock:
     """All blocks as one module whose parameters have a leading `layers` axis (scanned at run time)."""
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs):
-        return HeliosBlock(config, rngs=rngs)
-
-    return make(rngs)
+    return stacked_layers(lambda rngs: HeliosBlock(config, rngs=rngs), config.num_layers, rngs)
 
 
 def _channels_last(latents) -> jax.Array:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from helios_jax.models.config_builder import build_config, preset_overrides
+
 # Defaults of diffusers' HeliosTransformer3DModel, which are the released 14B values (spec §1.1).
 DIFFUSERS_FIELDS = dict(
     patch_size=(1, 2, 2),
@@ -56,22 +58,12 @@ OFFICIAL_ONLY_UNSUPPORTED = ("restrict_self_attn", "is_amplify_history")
 
 def transformer_config(**overrides) -> ml_collections.ConfigDict:
     """The 14B config with `overrides` applied; an unknown field is an error."""
-    fields = {**DIFFUSERS_FIELDS, **EXECUTION_FIELDS}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown transformer config field(s): {', '.join(unknown)}")
-    fields.update(overrides)
-    fields["patch_size"] = tuple(fields["patch_size"])
-    fields["rope_dim"] = tuple(fields["rope_dim"])
-    config = ml_collections.ConfigDict(fields)
-    validate(config)
-    return config
+    return build_config("transformer", {**DIFFUSERS_FIELDS, **EXECUTION_FIELDS}, overrides, validate,
+                        tuple_fields=("patch_size", "rope_dim"))
 
 
 def preset(name: str, **overrides) -> ml_collections.ConfigDict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return transformer_config(**{**PRESETS[name], **overrides})
+    return transformer_config(**{**preset_overrides("model", PRESETS, name), **overrides})
 
 
 def from_diffusers_json(config_json: dict, **overrides) -> ml_collections.ConfigDict:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from helios_jax.models.config_builder import build_config, preset_overrides
+
 # The latent statistics of the Wan2.1 VAE (spec vae_and_text.md A.8); also diffusers' defaults.
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -46,22 +48,12 @@ PRESETS = {
 
 def vae_config(**overrides) -> ml_collections.ConfigDict:
     """The Wan2.1 VAE config with `overrides` applied; an unknown field is an error."""
-    fields = {**DIFFUSERS_FIELDS, **EXECUTION_FIELDS}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown VAE config field(s): {', '.join(unknown)}")
-    fields.update(overrides)
-    for key in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
-        fields[key] = tuple(fields[key])
-    config = ml_collections.ConfigDict(fields)
-    validate(config)
-    return config
+    tuple_fields = ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std")
+    return build_config("VAE", {**DIFFUSERS_FIELDS, **EXECUTION_FIELDS}, overrides, validate, tuple_fields)
 
 
 def preset(name: str, **overrides) -> ml_collections.ConfigDict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return vae_config(**{**PRESETS[name], **overrides})
+    return vae_config(**{**preset_overrides("VAE", PRESETS, name), **overrides})
 
 
 def from_diffusers_json(config_json: dict, **overrides) -> ml_collections.ConfigDict:
