@@ -110,7 +110,12 @@ class ComponentPlan:
         if leaf.stacked and leaf.torch_keys:  # a sibling layer's name with this layer's index
             sibling, name = next(iter(leaf.torch_keys.items()))
             return re.sub(rf"\.{sibling}\.", f".{layer}.", name, count=1)
-        return f"for parameter {leaf.name}" + (f" (layer {layer})" if leaf.stacked else "")
+        inverse = getattr(self.component.key_map, "torch_key_of", None)
+        try:
+            key = inverse(leaf.name, layer) if self.component.kind == "text_encoder" else inverse(leaf.name)[0]
+            return key
+        except (TypeError, KeyError, ValueError):  # no inverse map: name our parameter instead
+            return f"for parameter {leaf.name}" + (f" (layer {layer})" if leaf.stacked else "")
 
     @property
     def total_bytes(self) -> int:
