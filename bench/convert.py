@@ -5,9 +5,9 @@ and shapes from diffusers' own class, instantiated on the meta device) plus the 
 one shard per block as the released checkpoints shard, then for each N:
 
 - reads every source file once (plain sequential reads; the time "to simply read the files"),
-- converts it in a fresh subprocess (`python -m checkpoints_convert`), reporting that process's
-  peak RSS (`ru_maxrss`) and MB/s of source bytes, and the same for an import-only process (the
-  constant: Python, JAX, Flax, the model code).
+- converts it in a fresh subprocess (`checkpoints_convert.convert.convert`), reporting that
+  process's peak RSS (`VmHWM`), MB/s of source bytes (conversion call only; the process time
+  with imports is printed beside it), and the peak RSS of an import-only process.
 
 Source files are freshly written, so both the plain read and the conversion read them from the page
 cache when it holds them; run on a quiet machine. Needs about 2.5 + 1.4 N GB of disk per N (fp32
@@ -96,21 +96,28 @@ def plain_read(folder: Path) -> float:
 
 
 MEASURE = """
-import resource, sys, time
+import time
 start = time.perf_counter()
+{setup}
+timed = time.perf_counter()
 {body}
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+end = time.perf_counter()
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(end - timed, end - start, peak * 1024)
 """
 
 
-def in_subprocess(body: str) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of `body` run in a fresh Python process."""
-    result = subprocess.run([sys.executable, "-c", MEASURE.format(body=body)], capture_output=True, text=True,
+def in_subprocess(setup: str, body: str = "pass") -> tuple[float, float, int]:
+    """(seconds of `body`, seconds of the process after start-up, peak RSS bytes): `setup` then
+    `body` run in a fresh Python process."""
+    code = MEASURE.format(setup=setup, body=body)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
-    seconds, rss = result.stdout.strip().splitlines()[-1].split()
-    return float(seconds), int(rss)
+    seconds, total, rss = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(total), int(rss)
 
 
 def main(argv=None):
@@ -118,24 +125,25 @@ def main(argv=None):
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     gib, mb = 1024**3, 1e6
-    _, baseline = in_subprocess("import checkpoints_convert.convert, helios_jax.models.transformer")
+    imports = "from checkpoints_convert.convert import convert\nimport helios_jax.models.transformer"
+    _, _, baseline = in_subprocess(imports)
     print(f"import-only process peak RSS: {baseline / gib:.2f} GiB")
     print(f"{'N':>3} {'source GB':>10} {'read s':>8} {'read MB/s':>10} {'convert s':>10} {'convert MB/s':>13} "
-          f"{'ratio':>6} {'peak RSS GiB':>13}")
+          f"{'ratio':>6} {'with imports s':>15} {'peak RSS GiB':>13}")
     rows = []
     for blocks in args.blocks:
         src, dst = work / f"src-{blocks}", work / f"dst-{blocks}"
         total = write_checkpoint(src, diffusers_config(blocks, args.small))
         read_s = plain_read(src)
         dtype = f", dtype={args.dtype!r}" if args.dtype else ""
-        convert_s, rss = in_subprocess(
-            f"from checkpoints_convert.convert import convert\nconvert({str(src)!r}, {str(dst)!r}, progress=False{dtype})")
-        row = dict(blocks=blocks, source_bytes=total, read_s=read_s, convert_s=convert_s, peak_rss=rss,
-                   read_mb_s=total / mb / read_s, convert_mb_s=total / mb / convert_s)
+        convert_s, process_s, rss = in_subprocess(
+            imports, f"convert({str(src)!r}, {str(dst)!r}, progress=False{dtype})")
+        row = dict(blocks=blocks, source_bytes=total, read_s=read_s, convert_s=convert_s, process_s=process_s,
+                   peak_rss=rss, read_mb_s=total / mb / read_s, convert_mb_s=total / mb / convert_s)
         rows.append(row)
         print(f"{blocks:>3} {total / 1e9:>10.2f} {read_s:>8.1f} {row['read_mb_s']:>10.0f} {convert_s:>10.1f} "
-              f"{row['convert_mb_s']:>13.0f} {row['convert_mb_s'] / row['read_mb_s']:>6.2f} {rss / gib:>13.2f}",
-              flush=True)
+              f"{row['convert_mb_s']:>13.0f} {row['convert_mb_s'] / row['read_mb_s']:>6.2f} {process_s:>15.1f} "
+              f"{rss / gib:>13.2f}", flush=True)
         if not args.keep_files:
             shutil.rmtree(src)
             shutil.rmtree(dst)

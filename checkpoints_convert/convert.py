@@ -122,12 +122,13 @@ class ComponentPlan:
         return sum(self.reader.info(k).nbytes for k in self.tensor_keys)
 
 
-def _sha256(path: Path, out: dict) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as file:
-        while chunk := file.read(16 << 20):
-            digest.update(chunk)
-    out[path] = digest.hexdigest()
+def _sha256(paths: list[Path], out: dict) -> None:
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as file:
+            while chunk := file.read(16 << 20):
+                digest.update(chunk)
+        out[path] = digest.hexdigest()
 
 
 class _Progress:
@@ -148,9 +149,9 @@ class _Progress:
 def write_component(plan: ComponentPlan, dst: Path, progress: _Progress, dtype_option: str | None) -> None:
     dst.mkdir(parents=True)
     hashes: dict[Path, str] = {}
-    hashers = [threading.Thread(target=_sha256, args=(path, hashes), daemon=True) for path in plan.reader.files]
-    for thread in hashers:  # hashing releases the GIL; it overlaps with the conversion
-        thread.start()
+    # One thread hashes the source files while the conversion runs (hashlib releases the GIL).
+    hasher = threading.Thread(target=_sha256, args=(plan.reader.files, hashes), daemon=True)
+    hasher.start()
     writer = ParamWriter(dst / "params")
     for leaf in plan.leaves.values():
         writer.create(leaf.name, leaf.shape, leaf.dtype, stacked=leaf.stacked, transform=leaf.transform,
@@ -158,18 +159,25 @@ def write_component(plan: ComponentPlan, dst: Path, progress: _Progress, dtype_o
                       torch_keys=[leaf.torch_keys[i] for i in range(leaf.layers)])
     where = {key: (leaf, layer) for leaf in plan.leaves.values() for layer, key in leaf.sources.items()}
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+    pending = None  # one write in flight while the next tensor is read: at most two tensors in memory
     for count, key in enumerate(plan.tensor_keys, 1):
         leaf, layer = where[key]
         info = plan.reader.info(key)
-        array = plan.component.key_map.to_our_layout(read_tensor(info), leaf.transform)
-        writer.write(leaf.name, layer if leaf.stacked else None, array.astype(leaf.dtype, copy=False))
+        # Cast while contiguous (fast), then hand tensorstore the transposed view to lay out.
+        array = read_tensor(info).astype(leaf.dtype, copy=False)
+        array = plan.component.key_map.to_our_layout(array, leaf.transform)
+        if pending is not None:
+            pending.result()
+        pending = writer.write(leaf.name, layer if leaf.stacked else None, array)
         del array
         progress.update(plan.component.kind, info.nbytes)
         if kill_after and count >= kill_after:
+            pending.result()
             os.kill(os.getpid(), signal.SIGKILL)
+    if pending is not None:
+        pending.result()
     writer.finish()
-    for thread in hashers:
-        thread.join()
+    hasher.join()
     shutil.copy2(plan.folder / "config.json", dst / "config.json")
     stored = {}
     for leaf in plan.leaves.values():
@@ -264,6 +272,7 @@ def convert(src, dst, *, components=None, dtype=None, overwrite=False, verify=Fa
         for name, plan in plans.items():
             write_component(plan, tmp / name if model_folder else tmp, bar, dtype)
         bar.close()
+        os.sync()  # the chunks were written without fsync; make them durable before DST appears
         publish(tmp, dst, overwrite)
     except BaseException:
         bar.close()
@@ -297,5 +306,11 @@ def verify_component(src: Path, converted: Path, sample: int = 8, seed: int = 0)
 def verify(src, dst) -> int:
     """`convert --verify` on an existing DST: compare a sample of tensors of each component."""
     src, dst = Path(src), Path(dst)
+    if not dst.is_dir():
+        raise CheckpointError(f"{dst}: no such folder")
     plans, _, model_folder = plan_source(src, None)
-    return sum(verify_component(plan.folder, dst / name if model_folder else dst) for name, plan in plans.items())
+    targets = {name: dst / name if model_folder else dst for name in plans}
+    present = {name: folder for name, folder in targets.items() if (folder / CONVERSION_JSON).is_file()}
+    if not present:
+        raise CheckpointError(f"{dst}: no converted component to verify (no {CONVERSION_JSON})")
+    return sum(verify_component(plans[name].folder, folder) for name, folder in present.items())

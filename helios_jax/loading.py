@@ -41,7 +41,9 @@ def load(path, *, dtype=None, mesh=None):
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path}: invalid JSON ({error})") from None
     if mesh is not None:
-        raise NotImplementedError("loading a diffusers-format folder onto a mesh is not available yet; convert it first (helios-jax convert)")
+        raise NotImplementedError(
+            "loading a diffusers-format folder onto a mesh is not available yet; convert it first (helios-jax convert)"
+        )
     class_name = config_json.get("_class_name")
     if class_name == "HeliosTransformer3DModel":
         return load_transformer(folder, config_json, dtype=dtype_name(dtype))

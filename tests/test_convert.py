@@ -146,6 +146,7 @@ def test_default_dtypes_follow_the_spec_and_load_runs(model_folder, tmp_path):
     assert _same_state(ours, expected)
     with pytest.raises(Exception, match="already exists"):
         convert(src, tmp_path / "out", progress=False)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--verify"]) == 0  # only the converted parts
     convert(src / "vae", tmp_path / "out", dtype="bfloat16", overwrite=True, progress=False)
     assert ParamReader(tmp_path / "out" / "params").leaves["decoder.conv_in.kernel"]["dtype"] == "bfloat16"
 
