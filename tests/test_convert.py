@@ -147,6 +147,16 @@ def test_default_dtypes_follow_the_spec_and_load_runs(model_folder, tmp_path):
     with pytest.raises(Exception, match="already exists"):
         convert(src, tmp_path / "out", progress=False)
     assert main(["convert", str(src), str(tmp_path / "out"), "--verify"]) == 0  # only the converted parts
+    export(tmp_path / "out", tmp_path / "exported", progress=False)  # bf16 with fp32 islands, as stored
+    from safetensors import safe_open
+
+    reference = model_folder[1]["transformer"].state_dict()
+    with safe_open(str(tmp_path / "exported" / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("blocks.1.ffn.net.0.proj.weight"),
+                           reference["blocks.1.ffn.net.0.proj.weight"].to(torch.bfloat16))
+        assert torch.equal(f.get_tensor("blocks.1.scale_shift_table"), reference["blocks.1.scale_shift_table"])
+    back = TorchHelios.from_pretrained(tmp_path / "exported" / "transformer", torch_dtype=torch.bfloat16)
+    assert back.blocks[1].ffn.net[0].proj.weight.dtype == torch.bfloat16
     convert(src / "vae", tmp_path / "out", dtype="bfloat16", overwrite=True, progress=False)
     assert ParamReader(tmp_path / "out" / "params").leaves["decoder.conv_in.kernel"]["dtype"] == "bfloat16"
 
@@ -159,6 +169,29 @@ def test_load_onto_a_mesh_places_each_parameter_sharded(round_trip):
     assert isinstance(kernel.get_value().sharding, jax.sharding.NamedSharding)
     assert "fsdp" in tuple(kernel.get_value().sharding.spec)
     assert _same_state(ours, helios_jax.load(converted / "transformer"))
+
+
+MESH_SCRIPT = """
+import sys, jax, numpy as np, helios_jax
+mesh = jax.make_mesh((2,), ("fsdp",))
+sharded = helios_jax.load(sys.argv[1], mesh=mesh)
+plain = helios_jax.load(sys.argv[1])
+kernel = sharded.blocks.ffn.linear_in.kernel.get_value()
+assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None), kernel.sharding.spec
+assert {s.data.shape for s in kernel.addressable_shards} == {(kernel.shape[0], kernel.shape[1] // 2, kernel.shape[2])}
+from flax import nnx
+flat = lambda m: [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(m))]
+pairs = list(zip(flat(sharded), flat(plain)))
+assert len(pairs) > 20 and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in pairs)
+print("ok")
+"""
+
+
+def test_load_onto_a_two_device_mesh_reads_each_shard(round_trip):
+    converted, _ = round_trip
+    result = _cli("-c", MESH_SCRIPT, str(converted / "transformer"),
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_verify_detects_a_changed_tensor(model_folder, tmp_path, capsys):
