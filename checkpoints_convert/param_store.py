@@ -1,4 +1,5 @@
-"""A converted component's parameters on disk: one tensorstore zarr array per leaf of our tree.
+"""A converted component's parameters on disk: one tensorstore zarr array per leaf of our tree,
+laid out as an Orbax PyTree checkpoint (non-OCDBT, zarr v2) of the flat {leaf name: array} dict.
 
 Each leaf is created at its full shape before any data is written, and a stacked (scanned) leaf is
 chunked one layer per chunk, so the converter writes it layer by layer as the torch tensors arrive
@@ -54,7 +55,22 @@ class ParamWriter:
 
     def finish(self) -> dict[str, dict]:
         (self.folder / MANIFEST).write_text(json.dumps(self._leaves, indent=1))
+        (self.folder / "_METADATA").write_text(json.dumps(orbax_metadata(self._leaves)))
         return self._leaves
+
+
+def orbax_metadata(leaves: dict[str, dict]) -> dict:
+    """Orbax's PyTree metadata for these arrays: a flat dict keyed by leaf name, each a zarr v2
+    array in the folder named after it (Orbax's non-OCDBT layout), so that
+    `orbax.checkpoint.PyTreeCheckpointer().restore(folder)` reads the folder as a checkpoint."""
+    tree = {
+        str((name,)): {"key_metadata": [{"key": name, "key_type": 2}],
+                       "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                          "write_shape": leaf["shape"]}}
+        for name, leaf in leaves.items()
+    }
+    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
 
 
 class ParamReader:

@@ -1,7 +1,7 @@
 """Restore a converted component folder into its NNX module, optionally sharded onto a mesh.
 
-With a mesh, each parameter becomes a `jax.Array` built shard by shard from the on-disk array
-(`jax.make_array_from_callback`), so a host reads only the slices its devices hold. Until the
+`params/` is an Orbax checkpoint; Orbax restores each parameter straight into its sharding, so
+with a mesh a host reads only the slices its devices hold. Until the
 project's sharding rules exist (issue 7), a parameter's logical axes are mapped by `DEFAULT_RULES`.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from checkpoints_convert import components as comp
 from checkpoints_convert.convert import CONVERSION_JSON
@@ -53,16 +54,16 @@ def restore(folder, *, dtype: str | None = None, mesh=None) -> nnx.Module:
     for name in sorted(set(params.leaves) ^ set(variables)):
         where = "not in the model" if name in params.leaves else "missing"
         raise CheckpointError(f"{folder / 'params'}: parameter {name} {where}")
+    restore_args = {}
     for name, var in variables.items():
         if tuple(params.leaves[name]["shape"]) != tuple(var.shape):
             raise CheckpointError(f"{folder / 'params'}: parameter {name} has shape {params.leaves[name]['shape']}, "
                                   f"expected {list(var.shape)}")
-        target = jnp.dtype(var.dtype)
-        if mesh is None:
-            value = jnp.asarray(params.read(name).astype(target, copy=False))
-        else:
-            value = jax.make_array_from_callback(
-                tuple(var.shape), sharding_of(var, mesh),
-                lambda index, name=name: params.read(name, index).astype(target, copy=False))
-        var.set_value(value)
+        sharding = sharding_of(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        restore_args[name] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.dtype(var.dtype))
+    # Orbax reads each array's shards straight into their devices (only the slices each one holds).
+    values = ocp.PyTreeCheckpointer().restore((folder / "params").resolve(),
+                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    for name, var in variables.items():
+        var.set_value(values.pop(name))
     return nnx.merge(graphdef, state)
