@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from checkpoints_convert.command import add_commands
 from helios_jax import __version__
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter and compute dtype")
     forward.add_argument("--seed", type=int, default=0)
     forward.set_defaults(run=run_forward)
+    add_commands(commands)
     return parser
 
 
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args, overrides)
-    except (ValueError, NotImplementedError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, NotImplementedError, OSError, FloatingPointError) as error:
         print(f"helios-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -23,12 +23,17 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def load(path, *, dtype=None, mesh=None):
-    """The NNX module of one component folder (diffusers format; config.json + safetensors).
+    """The NNX module of one component folder: converted by `helios-jax convert` (restored, on `mesh`
+    when given) or in diffusers format (config.json + safetensors, converted in memory).
 
     dtype: a jnp dtype or its name; sets parameter and compute dtype (fp32 islands stay fp32).
     None keeps the component's default (bf16 for the transformer and the text encoder, fp32 for the VAE).
     """
     folder = Path(path)
+    from checkpoints_convert import restore  # imported here: it imports the model classes
+
+    if restore.is_converted(folder):  # written by `helios-jax convert`
+        return restore.restore(folder, dtype=dtype_name(dtype), mesh=mesh)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json (expected a component folder, e.g. transformer/)")
@@ -37,7 +42,9 @@ def load(path, *, dtype=None, mesh=None):
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path}: invalid JSON ({error})") from None
     if mesh is not None:
-        raise NotImplementedError("loading onto a mesh is not available yet (sharded loading is pending)")
+        raise NotImplementedError(
+            "loading a diffusers-format folder onto a mesh is not available yet; convert it first (helios-jax convert)"
+        )
     class_name = config_json.get("_class_name")
     if "UMT5EncoderModel" in (config_json.get("architectures") or ()):  # transformers folders have no _class_name
         class_name = "UMT5EncoderModel"

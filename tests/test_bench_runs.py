@@ -26,3 +26,13 @@ def test_vae_bench_prints_time_memory_and_speed_up():
     assert result.returncode == 0, result.stderr
     for expected in ("ms/chunk", "frames/s", "peak memory", "speed-up jax over torch"):
         assert expected in result.stdout, result.stdout
+
+
+def test_convert_bench_prints_rss_and_throughput(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "convert.py"), "--small", "--blocks", "1", "2", "--workdir", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for expected in ("peak RSS GiB", "convert MB/s", "read MB/s"):
+        assert expected in result.stdout, result.stdout

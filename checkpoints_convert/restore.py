@@ -1,0 +1,69 @@
+"""Restore a converted component folder into its NNX module, optionally sharded onto a mesh.
+
+`params/` is an Orbax checkpoint; Orbax restores each parameter straight into its sharding, so
+with a mesh a host reads only the slices its devices hold. Until the
+project's sharding rules exist (issue 7), a parameter's logical axes are mapped by `DEFAULT_RULES`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from checkpoints_convert import components as comp
+from checkpoints_convert.convert import CONVERSION_JSON
+from checkpoints_convert.param_store import ParamReader
+from checkpoints_convert.safetensors_folder import CheckpointError
+
+# Logical axis -> mesh axis, tried in order; an axis is used once per parameter and only where it
+# divides the dimension. Everything else is replicated.
+DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+                 ("mlp", "fsdp"), ("heads", "fsdp"))
+
+
+def is_converted(folder) -> bool:
+    folder = Path(folder)
+    return (folder / CONVERSION_JSON).is_file() and (folder / "params").is_dir()
+
+
+def sharding_of(var, mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    names = set(mesh.axis_names)
+    if not names & {mesh_axis for _, mesh_axis in rules}:  # a mesh with other names: shard embed on its first axis
+        rules = (("embed", mesh.axis_names[0]),)
+    spec, used = [], set()
+    for size, axis in zip(var.shape, comp.logical_axes(var) or (None,) * len(var.shape)):
+        choice = next((m for logical, m in rules if logical == axis and m in names and m not in used
+                       and size % mesh.shape[m] == 0), None)
+        used.add(choice)
+        spec.append(choice)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def restore(folder, *, dtype: str | None = None, mesh=None) -> nnx.Module:
+    folder = Path(folder)
+    metadata = json.loads((folder / CONVERSION_JSON).read_text())
+    config_json = comp.read_config(folder)
+    component = comp.component_of(folder, config_json)
+    _, graphdef, state, variables = comp.build_abstract(component, folder, config_json, dtype or metadata["dtype"])
+    params = ParamReader(folder / "params")
+    for name in sorted(set(params.leaves) ^ set(variables)):
+        where = "not in the model" if name in params.leaves else "missing"
+        raise CheckpointError(f"{folder / 'params'}: parameter {name} {where}")
+    restore_args = {}
+    for name, var in variables.items():
+        if tuple(params.leaves[name]["shape"]) != tuple(var.shape):
+            raise CheckpointError(f"{folder / 'params'}: parameter {name} has shape {params.leaves[name]['shape']}, "
+                                  f"expected {list(var.shape)}")
+        sharding = sharding_of(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        restore_args[name] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.dtype(var.dtype))
+    # Orbax reads each array's shards straight into their devices (only the slices each one holds).
+    values = ocp.PyTreeCheckpointer().restore((folder / "params").resolve(),
+                                              args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    for name, var in variables.items():
+        var.set_value(values.pop(name))
+    return nnx.merge(graphdef, state)
