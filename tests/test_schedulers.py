@@ -1,0 +1,140 @@
+"""Scheduler parity against diffusers' HeliosScheduler / HeliosDMDScheduler and the spec's golden
+schedules (spec sampler.md §3). Torch is test-only."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helios_jax.sampling import schedule_tables as st
+
+GOLDEN = Path("/work/shared/spec/sampler_golden_schedules.json")
+
+# Per-variant scheduler configs (spec §0 / §9).
+BASE = {"_class_name": "HeliosScheduler", "stages": 1, "scheduler_type": "unipc",
+        "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+MID = {"_class_name": "HeliosScheduler", "stages": 3, "scheduler_type": "unipc",
+       "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+DISTILLED = {"_class_name": "HeliosDMDScheduler", "stages": 3,
+             "use_dynamic_shifting": True, "time_shift_type": "linear"}
+
+MU_540, MU_2160, MU_8640 = (st.dynamic_shift_mu(n, st.SchedulerConfig()) for n in (540, 2160, 8640))
+PYRAMID_MUS = (MU_540, MU_540, MU_2160)  # mu from the pre-upsample latents (spec §3.2 quirk)
+
+
+def _diffusers_scheduler(config):
+    from diffusers.schedulers.scheduling_helios import HeliosScheduler
+    from diffusers.schedulers.scheduling_helios_dmd import HeliosDMDScheduler
+
+    cls = HeliosDMDScheduler if config["_class_name"] == "HeliosDMDScheduler" else HeliosScheduler
+    return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def _ours(config):
+    cfg = st.from_config_json(config)
+    return cfg, st.stage_constants(cfg)
+
+
+def _reference_schedules(config, steps, amplify=False):
+    """[(timesteps, sigmas)] per stage from diffusers' set_timesteps, as the pipelines call it."""
+    ref = _diffusers_scheduler(config)
+    if config["stages"] == 1:
+        ref.set_timesteps(steps[0], sigmas=np.linspace(0.999, 0.0, steps[0] + 1)[:-1], mu=MU_8640)
+        return [(ref.timesteps.numpy(), ref.sigmas.numpy())]
+    out = []
+    for stage, (n, mu) in enumerate(zip(steps, PYRAMID_MUS)):
+        kwargs = {"is_amplify_first_chunk": amplify} if amplify else {}
+        ref.set_timesteps(n, stage, mu=mu, **kwargs)
+        out.append((ref.timesteps.numpy(), ref.sigmas.numpy()))
+    return out
+
+
+def _our_schedules(config, steps, amplify=False):
+    cfg, constants = _ours(config)
+    if cfg.stages == 1:
+        return [st.make_schedule(cfg, constants, steps[0], mu=MU_8640)]
+    return [st.make_schedule(cfg, constants, n, i, mu=mu, is_amplify_first_chunk=amplify)
+            for i, (n, mu) in enumerate(zip(steps, PYRAMID_MUS))]
+
+
+@pytest.mark.parametrize(
+    "config,steps,amplify",
+    [(BASE, [50], False), (MID, [20, 20, 20], False), (DISTILLED, [2, 2, 2], False), (DISTILLED, [2, 2, 2], True)],
+    ids=["base", "mid", "distilled", "distilled-amplified"],
+)
+def test_set_timesteps_matches_diffusers(config, steps, amplify):
+    reference = _reference_schedules(config, steps, amplify)
+    ours = _our_schedules(config, steps, amplify)
+    for (ref_t, ref_s), sched in zip(reference, ours):
+        assert ref_t.dtype == np.float64 and ref_s.dtype == np.float64
+        np.testing.assert_array_equal(sched.timesteps, ref_t)
+        np.testing.assert_array_equal(sched.sigmas, ref_s)
+
+
+def test_stage_constants_match_diffusers():
+    ref = _diffusers_scheduler(MID)
+    _, constants = _ours(MID)
+    for i in range(3):
+        assert constants.start_sigmas[i] == ref.start_sigmas[i]
+        assert constants.end_sigmas[i] == ref.end_sigmas[i]
+        assert constants.ori_start_sigmas[i] == ref.ori_start_sigmas[i]
+        assert constants.timestep_ratios[i] == ref.timestep_ratios[i]
+        np.testing.assert_array_equal(constants.windows[i].timesteps, ref.timesteps_per_stage[i].numpy())
+        np.testing.assert_array_equal(constants.windows[i].sigmas, ref.sigmas_per_stage[i].numpy())
+
+
+def _close(ours, golden, rtol=1e-12):
+    np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(golden, np.float64), rtol=rtol, atol=1e-12)
+
+
+def test_golden_schedules():
+    golden = json.loads(GOLDEN.read_text())
+    for key, tokens in (("tokens_540", 540), ("tokens_2160", 2160), ("tokens_8640", 8640)):
+        assert math.isclose(st.dynamic_shift_mu(tokens, st.SchedulerConfig()), golden["mu"][key], rel_tol=1e-14)
+
+    _, constants = _ours(MID)
+    gc = golden["stage_constants"]
+    for i in range(3):
+        _close(constants.start_sigmas[i], gc["start_sigmas"][str(i)])
+        _close(constants.end_sigmas[i], gc["end_sigmas"][str(i)])
+        _close(constants.timestep_ratios[i], gc["timestep_ratios"][str(i)])
+        _close(constants.windows[i].timesteps.max(), gc["timesteps_per_stage_max"][str(i)])
+        _close(constants.windows[i].timesteps.min(), gc["timesteps_per_stage_min"][str(i)])
+
+    cases = [
+        ("base_384x640_50steps_exponential", BASE, [50], False),
+        ("mid_384x640_20x3_exponential", MID, [20, 20, 20], False),
+        ("distilled_384x640_2x3_linear", DISTILLED, [2, 2, 2], False),
+        ("distilled_384x640_2x3_linear_amplified_first_chunk", DISTILLED, [2, 2, 2], True),
+    ]
+    for key, config, steps, amplify in cases:
+        entries = golden[key] if isinstance(golden[key], list) else [golden[key]]
+        ours = _our_schedules(config, steps, amplify)
+        assert len(entries) == len(ours), key
+        for entry, sched in zip(entries, ours):
+            _close(sched.timesteps, entry["timesteps"])
+            _close(sched.sigmas, entry["sigmas"])
+            assert [int(t) for t in sched.timesteps] == entry["timesteps_int64"], key
+
+    unshifted = dict(DISTILLED, use_dynamic_shifting=False)
+    for key, amplify in (("normal", False), ("amplified", True)):
+        ours = _our_schedules(unshifted, [2, 2, 2], amplify)
+        for entry, sched in zip(golden["distilled_unshifted_reference_check"][key], ours):
+            _close(sched.timesteps, entry["timesteps"])
+            _close(sched.sigmas, entry["sigmas"])
+
+
+def test_config_loading_refuses_unknowns(tmp_path):
+    with pytest.raises(ValueError, match="unsupported scheduler _class_name"):
+        st.from_config_json({"_class_name": "FlowMatchEulerDiscreteScheduler"})
+    with pytest.raises(NotImplementedError, match="solver_type"):
+        st.from_config_json(dict(MID, solver_type="bh1"))
+    with pytest.raises(NotImplementedError, match="scheduler_type"):
+        st.from_config_json(dict(MID, scheduler_type="euler"))
+    assert st.from_config_json(dict(MID, scheduler_type="dmd")).kind == "dmd"
+    assert st.from_config_json({"_class_name": "HeliosDMDScheduler"}).time_shift_type == "linear"
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(DISTILLED, _diffusers_version="0.42.1")))
+    cfg = st.from_folder(str(tmp_path))
+    assert cfg.kind == "dmd" and cfg.time_shift_type == "linear" and cfg.use_dynamic_shifting
