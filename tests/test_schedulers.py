@@ -213,3 +213,79 @@ def test_dmd_step_matches_diffusers(amplify):
             assert err <= 1e-6, (stage, i, err)
             worst = max(worst, err)
     print(f"dmd worst rel err {worst:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-stage chains: the stateful wrapper against diffusers, and the pure step inside lax.scan
+
+
+def _chain_inputs(n, seed):
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal(SHAPE).astype(np.float32)
+    vs = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    return x0, vs
+
+
+def test_mid_stage_chain_wrapper_and_scan_match_diffusers():
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from helios_jax.sampling import unipc_step as up
+    from helios_jax.sampling.schedulers import HeliosScheduler
+
+    ref = _diffusers_scheduler(MID)
+    ours = HeliosScheduler.from_config_json(MID)
+    stage, n = 1, 20
+    ref.set_timesteps(n, stage, mu=PYRAMID_MUS[stage])
+    ours.set_timesteps(n, stage, mu=PYRAMID_MUS[stage])
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+
+    x0, vs = _chain_inputs(n, seed=2)
+    x_ref, x = torch.from_numpy(x0), jnp.asarray(x0)
+    for i, t in enumerate(ref.timesteps):
+        x_ref = ref.step(torch.from_numpy(vs[i]), t, x_ref, return_dict=False)[0]
+        x = ours.step(jnp.asarray(vs[i]), x)
+    wrapper_err = _rel_err(x, x_ref.numpy())
+
+    tables = up.unipc_tables(ours.sigmas)
+
+    def body(carry, inputs):
+        sample, state = carry
+        i, v = inputs
+        sample, state = up.unipc_step(tables, v, sample, i, state)
+        return (sample, state), None
+
+    x_start = jnp.asarray(x0)
+    (x_scan, _), _ = jax.jit(lambda x, v: jax.lax.scan(body, (x, up.init_state(x)), (jnp.arange(n), v)))(x_start, jnp.asarray(vs))
+    scan_err = _rel_err(x_scan, x_ref.numpy())
+    print(f"20-step chain rel err: wrapper {wrapper_err:.2e}, scan {scan_err:.2e}")
+    assert wrapper_err <= 1e-6 and scan_err <= 1e-6
+
+
+def test_dmd_stage_chain_in_fori_loop_matches_diffusers():
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from helios_jax.sampling.dmd_step import dmd_step
+    from helios_jax.sampling.schedulers import HeliosScheduler
+
+    ref = _diffusers_scheduler(DISTILLED)
+    ours = HeliosScheduler.from_config_json(DISTILLED)
+    stage = 2
+    ref.set_timesteps(2, stage, mu=PYRAMID_MUS[stage], is_amplify_first_chunk=True)
+    ours.set_timesteps(2, stage, mu=PYRAMID_MUS[stage], is_amplify_first_chunk=True)
+    n = len(ours.timesteps)
+    x0, vs = _chain_inputs(n, seed=3)
+    start = torch.from_numpy(x0)
+    x_ref, x_wrap = start.clone(), jnp.asarray(x0)
+    for i, t in enumerate(ref.timesteps):
+        x_ref = ref.step(torch.from_numpy(vs[i]), t, x_ref, return_dict=False, cur_sampling_step=i, dmd_noisy_tensor=start,
+                         dmd_sigmas=ref.sigmas, dmd_timesteps=ref.timesteps, all_timesteps=ref.timesteps)[0]
+        x_wrap = ours.step(jnp.asarray(vs[i]), x_wrap, stage_start=jnp.asarray(x0))
+
+    sigmas, v_all, start_j = ours.sigmas, jnp.asarray(vs), jnp.asarray(x0)
+    x_loop = jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, s: dmd_step(v_all[i], s, start_j, i, sigmas), x))(start_j)
+    assert _rel_err(x_wrap, x_ref.numpy()) <= 1e-6
+    assert _rel_err(x_loop, x_ref.numpy()) <= 1e-6
