@@ -13,10 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Keys diffusers writes into every config JSON; they carry no scheduler settings.
-_BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version"}
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The checkpoint's `scheduler/scheduler_config.json`, reduced to what the variants use.
@@ -82,7 +78,6 @@ def from_config_json(config: dict) -> SchedulerConfig:
     for key in ("stage_range", "disable_corrector"):
         if key in values:
             values[key] = tuple(values[key] or ())
-    values.pop("solver_p", None)
     if config.get("solver_p") is not None:
         raise NotImplementedError("solver_p is used by no Helios variant")
     cfg = SchedulerConfig(kind=kind, **values)
