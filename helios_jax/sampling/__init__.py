@@ -1,1 +1,2 @@
-"""Sampling: conditioning latents (and, later, schedulers, pyramid resampling and the pipeline)."""
+"""Sampling: conditioning latents, the Helios schedulers (host tables + pure jnp steps), and,
+later, pyramid resampling and the pipeline."""
