@@ -1,23 +1,18 @@
 """`helios_jax.load`: a component folder -> its Flax NNX module, with weights read one tensor at a time."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert import text_encoder_keys, transformer_keys, vae_keys
+from checkpoints_convert import components, text_encoder_keys, transformer_keys, vae_keys
 from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
 from helios_jax.models.text_encoder import UMT5EncoderModel
-from helios_jax.models.text_encoder_config import from_transformers_json
 from helios_jax.models.transformer import HeliosTransformer3DModel
-from helios_jax.models.transformer_config import from_diffusers_json
 from helios_jax.models.vae import AutoencoderKLWan
-from helios_jax.models.vae_config import from_diffusers_json as vae_from_diffusers_json
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -34,29 +29,18 @@ def load(path, *, dtype=None, mesh=None):
 
     if restore.is_converted(folder):  # written by `helios-jax convert`
         return restore.restore(folder, dtype=dtype_name(dtype), mesh=mesh)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (expected a component folder, e.g. transformer/)")
-    try:
-        config_json = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}: invalid JSON ({error})") from None
+    config_json = components.read_config(folder)
     if mesh is not None:
         raise NotImplementedError(
             "loading a diffusers-format folder onto a mesh is not available yet; convert it first (helios-jax convert)"
         )
-    class_name = config_json.get("_class_name")
-    if "UMT5EncoderModel" in (config_json.get("architectures") or ()):  # transformers folders have no _class_name
-        class_name = "UMT5EncoderModel"
-    if class_name not in COMPONENTS:
-        raise CheckpointError(f"{config_path}: unsupported component class {class_name!r}")
-    config_from_json, from_state_dict = COMPONENTS[class_name]
+    component = components.component_of(folder, config_json)
     overrides = {"dtype": dtype_name(dtype)} if dtype is not None else {}
     try:
-        config = config_from_json(config_json, **overrides)
+        config = component.config_of(config_json, **overrides)
     except ValueError as error:
-        raise CheckpointError(f"{config_path}: {error}") from None
-    return from_state_dict(config, SafetensorsFolder(folder))
+        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    return FROM_STATE_DICT[component.kind](config, SafetensorsFolder(folder))
 
 
 def dtype_name(dtype) -> str | None:
@@ -134,10 +118,9 @@ def _stacked(var) -> bool:
     return bool(sharding) and sharding[0] == "layers"
 
 
-# Component class (config.json `_class_name`, or `architectures` for transformers folders) ->
-# (config from that JSON, module from a tensor reader).
-COMPONENTS = {
-    "HeliosTransformer3DModel": (from_diffusers_json, transformer_from_state_dict),
-    "AutoencoderKLWan": (vae_from_diffusers_json, vae_from_state_dict),
-    "UMT5EncoderModel": (from_transformers_json, text_encoder_from_state_dict),
+# Component kind (checkpoints_convert.components) -> module from a tensor reader.
+FROM_STATE_DICT = {
+    "transformer": transformer_from_state_dict,
+    "vae": vae_from_state_dict,
+    "text_encoder": text_encoder_from_state_dict,
 }
