@@ -85,8 +85,8 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 
 class StreamingFolder:
     """A component folder's tensors (single file, several files, or sharded with an index json),
-    headers read up front, data read one tensor at a time. Same reader interface as
-    `SafetensorsFolder` (`keys`, `read`, `file_of`) plus `info(key)`."""
+    headers read up front, data read one tensor at a time. The reader interface of the loaders
+    (`keys`, `read`, `file_of`) plus `info(key)`."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

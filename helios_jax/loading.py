@@ -9,7 +9,8 @@ from flax import nnx
 
 from checkpoints_convert import components, text_encoder_keys, transformer_keys, vae_keys
 from checkpoints_convert.key_rules import IGNORED_KEY
-from checkpoints_convert.safetensors_folder import CheckpointError, SafetensorsFolder
+from checkpoints_convert.safetensors_folder import CheckpointError
+from checkpoints_convert.safetensors_stream import StreamingFolder
 from helios_jax.models.text_encoder import UMT5EncoderModel
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.vae import AutoencoderKLWan
@@ -40,7 +41,7 @@ def load(path, *, dtype=None, mesh=None):
         config = component.config_of(config_json, **overrides)
     except ValueError as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return FROM_STATE_DICT[component.kind](config, SafetensorsFolder(folder))
+    return FROM_STATE_DICT[component.kind](config, StreamingFolder(folder))
 
 
 def dtype_name(dtype) -> str | None:

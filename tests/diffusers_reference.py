@@ -15,7 +15,7 @@ TINY_DIFFUSERS = {k: v for k, v in {**DIFFUSERS_FIELDS, **TINY}.items() if k in 
 
 
 class StateDict:
-    """A torch state dict seen through the reader interface of `SafetensorsFolder`."""
+    """A torch state dict seen through the reader interface of `StreamingFolder`."""
 
     def __init__(self, state_dict):
         self._tensors = {k: v.detach().float().numpy() for k, v in state_dict.items()}
