@@ -21,6 +21,7 @@ setup(
         "grain",
         "safetensors",
         "numpy",
+        "ml_dtypes",  # bfloat16 as a numpy dtype when reading and writing checkpoints
         "imageio",
         "imageio-ffmpeg",
         "tqdm",
