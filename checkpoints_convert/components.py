@@ -45,7 +45,8 @@ def _text_encoder() -> Component:
 
 CLASS_NAMES = {"HeliosTransformer3DModel": _transformer, "AutoencoderKLWan": _vae}
 ARCHITECTURES = {"UMT5EncoderModel": _text_encoder}
-KINDS = ("transformer", "vae", "text_encoder")
+BY_KIND = {"transformer": _transformer, "vae": _vae, "text_encoder": _text_encoder}
+KINDS = tuple(BY_KIND)
 
 
 def read_config(folder: Path) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints_convert import components as comp
+from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.param_store import ParamReader, ParamWriter, numpy_dtype
 from checkpoints_convert.safetensors_folder import CheckpointError
 from checkpoints_convert.safetensors_stream import StreamingFolder, read_tensor
@@ -83,7 +84,7 @@ class ComponentPlan:
     def _place(self, key: str, key_map) -> None:
         where, info = self.reader.file_of(key), self.reader.info(key)
         target = key_map.locate(key)
-        if target is not None and target is getattr(key_map, "IGNORED_KEY", None):
+        if target is IGNORED_KEY:
             self.skipped.append(key)
             return
         if target is None or target.path not in self.leaves:

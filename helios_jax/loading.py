@@ -7,13 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert import components, text_encoder_keys, transformer_keys, vae_keys
+from checkpoints_convert import components
 from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.safetensors_folder import CheckpointError
 from checkpoints_convert.safetensors_stream import StreamingFolder
-from helios_jax.models.text_encoder import UMT5EncoderModel
-from helios_jax.models.transformer import HeliosTransformer3DModel
-from helios_jax.models.vae import AutoencoderKLWan
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -41,7 +38,7 @@ def load(path, *, dtype=None, mesh=None):
         config = component.config_of(config_json, **overrides)
     except ValueError as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return FROM_STATE_DICT[component.kind](config, StreamingFolder(folder))
+    return component_from_tensors(component, config, StreamingFolder(folder))
 
 
 def dtype_name(dtype) -> str | None:
@@ -53,23 +50,23 @@ def dtype_name(dtype) -> str | None:
     return name
 
 
-def transformer_from_state_dict(config, tensors) -> HeliosTransformer3DModel:
-    """Build the transformer and fill it from `tensors` (`.keys()` and `.read(key)`, diffusers names)."""
-    abstract = nnx.eval_shape(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))
-    return module_from_tensors(abstract, tensors, transformer_keys, num_layers=config.num_layers)
+def component_from_tensors(component: components.Component, config, tensors) -> nnx.Module:
+    """Build `component` for `config` and fill it from `tensors` (the reference's state-dict names)."""
+    abstract = nnx.eval_shape(lambda: component.module_class(config, rngs=nnx.Rngs(0)))
+    return module_from_tensors(abstract, component.wrap_reader(tensors), component.key_map,
+                               num_layers=config.get("num_layers", 0))
 
 
-def vae_from_state_dict(config, tensors) -> AutoencoderKLWan:
-    """Build the VAE and fill it from `tensors` (diffusers `AutoencoderKLWan` names)."""
-    abstract = nnx.eval_shape(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)))
-    return module_from_tensors(abstract, tensors, vae_keys)
+def transformer_from_state_dict(config, tensors) -> nnx.Module:
+    return component_from_tensors(components.BY_KIND["transformer"](), config, tensors)
 
 
-def text_encoder_from_state_dict(config, tensors) -> UMT5EncoderModel:
-    """Build the UMT5 encoder and fill it from `tensors` (transformers `UMT5EncoderModel` names)."""
-    abstract = nnx.eval_shape(lambda: UMT5EncoderModel(config, rngs=nnx.Rngs(0)))
-    tensors = text_encoder_keys.UsedTokenTable(tensors)
-    return module_from_tensors(abstract, tensors, text_encoder_keys, num_layers=config.num_layers)
+def vae_from_state_dict(config, tensors) -> nnx.Module:
+    return component_from_tensors(components.BY_KIND["vae"](), config, tensors)
+
+
+def text_encoder_from_state_dict(config, tensors) -> nnx.Module:
+    return component_from_tensors(components.BY_KIND["text_encoder"](), config, tensors)
 
 
 def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0) -> nnx.Module:
@@ -106,22 +103,9 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
             raise CheckpointError(f"{where(key)}: tensor {key} given twice (directly and as a legacy alias?)")
         filled[target.path].add(layer)
         slot[...] = array.astype(buffer.dtype)
-    missing = [name for name, var in flat.items() if len(filled[name]) != (num_layers if _stacked(var) else 1)]
+    missing = [name for name, var in flat.items() if len(filled[name]) != (num_layers if components.is_stacked(var) else 1)]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
     for name, var in flat.items():
         var.set_value(jnp.asarray(buffers.pop(name)))
     return nnx.merge(graphdef, state)
-
-
-def _stacked(var) -> bool:
-    sharding = var.get_metadata().get("out_sharding") or ()
-    return bool(sharding) and sharding[0] == "layers"
-
-
-# Component kind (checkpoints_convert.components) -> module from a tensor reader.
-FROM_STATE_DICT = {
-    "transformer": transformer_from_state_dict,
-    "vae": vae_from_state_dict,
-    "text_encoder": text_encoder_from_state_dict,
-}
