@@ -1,0 +1,409 @@
+"""`HeliosPipeline`: text, image or video to video, one 33-frame chunk after another
+(spec sampler.md §2). One class serves the three variants, as the official repo's pipeline does:
+Base (one-stage UniPC with CFG), Mid (pyramid UniPC with CFG-Zero*) and Distilled (pyramid DMD),
+chosen by the scheduler config and the `is_cfg_zero_star` / `is_distilled` flags of
+`model_index.json`. Numerics follow diffusers 0.42.1's HeliosPipeline / HeliosPyramidPipeline
+(docs/pipeline.md lists where the official repo differs).
+
+Per chunk the host draws the chunk's noise, picks its text embedding and calls the jitted chunk
+program (sampling/rollout.py); the history window and the anchor are the only state carried.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from helios_jax.sampling import conditioning
+from helios_jax.sampling import variants as variants_lib
+from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
+from helios_jax.sampling.guidance import guidance_kind
+from helios_jax.sampling.noise import NoiseSource
+from helios_jax.sampling.pyramid import block_noise_count
+from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
+from helios_jax.sampling.schedule_tables import SchedulerConfig
+from helios_jax.sampling.schedulers import HeliosScheduler
+
+HISTORY_SIZES = (16, 2, 1)
+LATENT_FRAMES_PER_CHUNK = 9
+NOISE_SIGMA_RANGE = (0.111, 0.135)  # image and video latent noise (both pipelines' defaults)
+
+
+@dataclass
+class Chunk:
+    """One finished chunk: its clean latents and, unless only latents were asked for, its frames."""
+
+    index: int
+    num_chunks: int
+    latents: jax.Array  # [B, C, 9, h, w] fp32
+    frames: np.ndarray | None  # [B, 33, H, W, 3] uint8, the last chunk already trimmed to 4m+1 frames
+    seconds: float  # wall time of this chunk (denoise + decode)
+    num_steps: int  # transformer evaluations of this chunk (each batched cond+uncond with CFG)
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    num_chunks: int
+    frames_per_chunk: int
+    frames_returned: int  # 33K trimmed to 4m+1 (spec §2.1)
+
+
+class HeliosPipeline:
+    def __init__(self, transformer, vae, scheduler, text_encoder=None, *, is_cfg_zero_star: bool = False,
+                 is_distilled: bool = False):
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler if isinstance(scheduler, HeliosScheduler) else HeliosScheduler(scheduler)
+        self.text_encoder = text_encoder
+        self.is_cfg_zero_star = is_cfg_zero_star
+        self.is_distilled = is_distilled
+        self.variant = variants_lib.variant_of(self.scheduler.config.stages, is_cfg_zero_star, is_distilled)
+        graphdef, self._state = nnx.split(transformer)
+        self._chunk_program = make_chunk_program(graphdef)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, mesh=None) -> "HeliosPipeline":
+        """A model folder (diffusers format or converted by `helios-jax convert`) with transformer/,
+        vae/, scheduler/ and optionally text_encoder/ + tokenizer/ (without them, pass embeddings)."""
+        from helios_jax.loading import load
+        from helios_jax.text.prompt_embeddings import TextEncoder
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such model folder")
+        for part in ("transformer", "vae", "scheduler"):
+            if not (folder / part).is_dir():
+                raise FileNotFoundError(f"{folder}: no {part}/ folder (a Helios model folder needs transformer/, vae/, scheduler/)")
+        flags = _pipeline_flags(folder / "model_index.json")
+        text_encoder = None
+        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype)
+        return cls(
+            load(folder / "transformer", dtype=dtype, mesh=mesh),
+            load(folder / "vae", mesh=mesh),
+            HeliosScheduler.from_folder(str(folder / "scheduler")),
+            text_encoder,
+            **flags,
+        )
+
+    @classmethod
+    def tiny_random(cls, variant: str = "distilled", *, seed: int = 0) -> "HeliosPipeline":
+        """Small random components built in memory: the whole path runs without weights."""
+        from helios_jax.tiny_random import tiny_random_components
+
+        variants_lib.check_variant(variant)
+        return cls(**tiny_random_components(variant, seed=seed), **variants_lib.PIPELINE_FLAGS[variant])
+
+    # ------------------------------------------------------------------------------------------
+    # Sampling
+
+    def defaults(self) -> dict:
+        return dict(variants_lib.DEFAULTS[self.variant])
+
+    def frame_plan(self, num_frames: int) -> FramePlan:
+        """Chunks needed for `num_frames` (rounded up to whole chunks) and the frames returned."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be positive; got {num_frames}")
+        per_chunk = (LATENT_FRAMES_PER_CHUNK - 1) * self._temporal_stride + 1
+        chunks = max(1, math.ceil(num_frames / per_chunk))
+        return FramePlan(chunks, per_chunk, _trimmed(chunks * per_chunk, self._temporal_stride))
+
+    def __call__(self, prompt=None, negative_prompt=None, *, output_type: str = "np", **kwargs):
+        """Generate a whole video. `output_type="np"`: uint8 frames [T, H, W, 3] ([B, T, H, W, 3] for
+        B > 1); `"latent"`: the latent history [B, C, T, h, w] (conditioning latents, then every
+        chunk's latents), as diffusers returns it."""
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent'; got {output_type!r}")
+        chunks = list(self.iter_chunks(prompt, negative_prompt, decode=output_type == "np", **kwargs))
+        if output_type == "latent":
+            return np.asarray(jnp.concatenate([*self._conditioning_latents, *(c.latents for c in chunks)], axis=2))
+        frames = np.concatenate([c.frames for c in chunks], axis=1)
+        return frames[0] if frames.shape[0] == 1 else frames
+
+    def iter_chunks(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        *,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        height: int = 384,
+        width: int = 640,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        pyramid_num_inference_steps_list=None,
+        is_amplify_first_chunk: bool | None = None,
+        use_zero_init: bool | None = None,
+        zero_steps: int | None = None,
+        image=None,
+        video=None,
+        seed: int = 0,
+        noise: Iterable | None = None,
+        is_skip_first_chunk: bool = False,
+        use_interpolate_prompt: bool = False,
+        interpolate_time_list=None,
+        interpolation_steps: int = 3,
+        decode: bool = True,
+    ) -> Iterator[Chunk]:
+        """Generate chunk by chunk: each is yielded as soon as it is denoised (and decoded), so a
+        caller can write it out and memory stays flat however long the video."""
+        settings, guidance_scale, num_frames = self._settings(
+            num_frames, num_inference_steps, guidance_scale, pyramid_num_inference_steps_list,
+            is_amplify_first_chunk, use_zero_init, zero_steps,
+        )
+        self._check_inputs(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, height, width, image, video)
+        plan = self.frame_plan(num_frames)
+        source = NoiseSource(seed, replay=noise)
+        embeds, negative = self._prompt_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, settings.guidance, use_interpolate_prompt,
+        )
+        num_chunks = plan.num_chunks
+        chunk_prompt = lambda k: embeds  # noqa: E731 - the same embedding for every chunk
+        if use_interpolate_prompt:
+            num_chunks, chunk_prompt = _interpolation(embeds, num_chunks, interpolate_time_list, interpolation_steps)
+
+        h, w = height // self._spatial_stride, width // self._spatial_stride
+        batch = embeds.shape[0] if not use_interpolate_prompt else 1
+        channels = self.transformer.config.in_channels
+        anchor, history = self._condition(image, video, height, width, batch, channels, h, w, source)
+
+        guidance = jnp.asarray(guidance_scale, jnp.float32)
+        for k in range(num_chunks):
+            started = time.perf_counter()
+            spec, tables = plan_chunk(
+                self.scheduler.config, self.scheduler.constants, settings,
+                latent_height=h, latent_width=w, is_first_chunk=k == 0,
+                patch_size=tuple(self.transformer.config.patch_size),
+            )
+            chunk_noise = source.normal((batch, channels, settings.frames, h, w))
+            block_noise = tuple(
+                source.normal((block_noise_count((batch, channels, settings.frames, s.height, s.width)), 4))
+                for s in spec.stages[1:]
+            )
+            inputs = ChunkInputs(
+                history=history,
+                anchor=anchor if anchor is not None else jnp.zeros((batch, channels, 1, h, w), jnp.float32),
+                prompt_embeds=chunk_prompt(k),
+                negative_prompt_embeds=negative,
+                noise=chunk_noise,
+                block_noise=block_noise,
+                guidance_scale=guidance,
+            )
+            latents = self._chunk_program(spec, self._state, inputs, tables)
+            # The anchor: frame 0 of the first chunk (T2V), or of the second with is_skip_first_chunk.
+            if (k == 0 and anchor is None) or (is_skip_first_chunk and k == 1):
+                anchor = latents[:, :, :1]
+            history = jnp.concatenate([history, latents], axis=2)[:, :, -spec.window :]
+            frames = None
+            if decode:
+                frames = self.decode_chunk(latents)
+                if k == num_chunks - 1:  # the whole video is trimmed to 4m+1 frames
+                    keep = _trimmed(num_chunks * plan.frames_per_chunk, self._temporal_stride)
+                    frames = frames[:, : keep - k * plan.frames_per_chunk]
+            else:
+                latents.block_until_ready()
+            yield Chunk(k, num_chunks, latents, frames, time.perf_counter() - started,
+                        sum(s.num_steps for s in spec.stages))
+        source.finish()
+
+    def decode_chunk(self, latents: jax.Array) -> np.ndarray:
+        """Chunk latents (normalised) -> uint8 frames [B, 33, H, W, 3]; each chunk is an independent
+        VAE segment (spec §8)."""
+        video = self.vae.decode(self.vae.denormalize_latents(latents))
+        return _to_uint8(video)
+
+    @property
+    def chunk_compilations(self) -> int:
+        """How many chunk programs have been compiled (one per distinct ChunkSpec)."""
+        return self._chunk_program._cache_size()
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def _temporal_stride(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def _spatial_stride(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    def _settings(self, num_frames, num_inference_steps, guidance_scale, pyramid_steps, amplify, use_zero_init,
+                  zero_steps):
+        defaults = self.defaults()
+        pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
+        num_frames = int(pick(num_frames, "num_frames"))
+        guidance_scale = float(pick(guidance_scale, "guidance_scale"))
+        if guidance_scale > 1.0 and self.is_distilled:
+            warnings.warn(f"guidance_scale {guidance_scale} on a step-distilled model: it runs CFG anyway", stacklevel=3)
+        stages = self.scheduler.config.stages
+        if stages == 1:
+            steps = int(pick(num_inference_steps, "num_inference_steps") or 50)
+            pyramid = ()
+        else:
+            pyramid = tuple(int(s) for s in (pick(pyramid_steps, "pyramid_num_inference_steps_list") or (10,) * stages))
+            steps = sum(pyramid)
+        if steps < 1 or any(s < 1 for s in pyramid):
+            raise ValueError("the number of inference steps must be positive")
+        settings = SamplingSettings(
+            num_inference_steps=steps,
+            pyramid_steps=pyramid,
+            guidance=guidance_kind(guidance_scale, self.is_cfg_zero_star),
+            is_amplify_first_chunk=bool(pick(amplify, "is_amplify_first_chunk")) and self.is_distilled,
+            use_zero_init=bool(pick(use_zero_init, "use_zero_init")),
+            zero_steps=int(pick(zero_steps, "zero_steps")),
+            history_sizes=HISTORY_SIZES,
+            frames=LATENT_FRAMES_PER_CHUNK,
+        )
+        return settings, guidance_scale, num_frames
+
+    def _check_inputs(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, height, width, image,
+                      video):
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt or prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+        if image is not None and video is not None:
+            raise ValueError("image and video cannot be given together")
+        check_size(height, width, self.scheduler.config.stages, self._spatial_stride)
+
+    def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance,
+                           interpolate):
+        guided = guidance != "none"
+        if prompt_embeds is None:
+            if self.text_encoder is None:
+                raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
+            if interpolate and isinstance(prompt, str):
+                raise ValueError("use_interpolate_prompt needs prompt to be a list of prompts")
+            prompt_embeds = self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
+        prompt_embeds = jnp.asarray(prompt_embeds).astype(self.transformer.dtype)
+        if not guided:
+            return prompt_embeds, None
+        batch = 1 if interpolate else prompt_embeds.shape[0]
+        if negative_prompt_embeds is None:
+            if self.text_encoder is None:
+                raise ValueError("guidance_scale > 1 needs negative_prompt_embeds when the pipeline has no text encoder")
+            if negative_prompt is None or isinstance(negative_prompt, str):
+                negative_prompt_embeds = self.text_encoder.encode_negative(negative_prompt, batch)
+            else:
+                negative_prompt_embeds = self.text_encoder.encode(list(negative_prompt))
+        negative_prompt_embeds = jnp.asarray(negative_prompt_embeds).astype(self.transformer.dtype)[:batch]
+        if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:] or negative_prompt_embeds.shape[0] != batch:
+            raise ValueError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}; "
+                             f"expected ({batch}, {', '.join(map(str, prompt_embeds.shape[1:]))})")
+        return prompt_embeds, negative_prompt_embeds
+
+    def _condition(self, image, video, height, width, batch, channels, h, w, source: NoiseSource):
+        """(anchor or None, history window [B, C, 19, h, w]) seeded for T2V, I2V or V2V (spec §6),
+        drawing in the reference's order; also keeps the conditioning latents for output_type="latent"."""
+        window = sum(HISTORY_SIZES)
+        history = jnp.zeros((batch, channels, window, h, w), jnp.float32)
+        self._conditioning_latents = []
+        low, high = NOISE_SIGMA_RANGE
+        if image is not None:
+            pixels = _as_pixels(image, height, width, video=False)
+            image_latents, fake = conditioning.image_condition(self.vae, pixels, source.normal)
+            image_latents = _noised(image_latents, source, low, high, (1,))
+            fake = _noised(fake, source, low, high, (1,))
+            history = jnp.concatenate([history[:, :, 1:], fake], axis=2)
+            self._conditioning_latents = [fake]
+            return image_latents, history
+        if video is not None:
+            pixels = _as_pixels(video, height, width, video=True)
+            first, video_latents = conditioning.video_condition(self.vae, pixels, source.normal)
+            first = _noised(first, source, low, high, (1,))
+            chunks = []
+            for start in range(0, video_latents.shape[2], LATENT_FRAMES_PER_CHUNK):
+                chunk = video_latents[:, :, start : start + LATENT_FRAMES_PER_CHUNK]
+                chunks.append(_noised(chunk, source, low, high, (chunk.shape[2],), per_frame=True))
+            video_latents = jnp.concatenate(chunks, axis=2)
+            history = jnp.concatenate([history, video_latents], axis=2)[:, :, -window:]
+            self._conditioning_latents = [video_latents]
+            return first, history
+        return None, history
+
+
+def check_size(height: int, width: int, stages: int, spatial_stride: int = 8) -> None:
+    """Pixels must be multiples of 16, and for a pyramid of S stages the coarsest stage must still
+    patchify whole: multiples of spatial_stride * 2^S (64 for Mid and Distilled)."""
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 16; got {height}x{width}")
+    multiple = spatial_stride * 2**stages if stages > 1 else 16
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple} for the {stages}-stage pyramid; "
+                         f"got {height}x{width}")
+
+
+def _noised(latents, source: NoiseSource, low: float, high: float, sigma_shape, per_frame: bool = False):
+    """sigma * eps + (1 - sigma) * latents with sigma ~ U[low, high] (one per frame for video chunks)."""
+    sigma = source.uniform(sigma_shape) * (high - low) + low
+    if per_frame:
+        sigma = sigma.reshape(1, 1, -1, 1, 1)
+    return sigma * source.normal(latents.shape) + (1 - sigma) * latents
+
+
+def _as_pixels(value, height: int, width: int, *, video: bool) -> jax.Array:
+    """An image [B, 3, H, W] / video [B, 3, F, H, W] already in [-1, 1] passes through; a path, PIL
+    image or uint8 frames are read and resized as diffusers' VideoProcessor does."""
+    ndim = 5 if video else 4
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == ndim and np.issubdtype(value.dtype, np.floating):
+        if value.shape[-2:] != (height, width):
+            raise ValueError(f"{'video' if video else 'image'} tensor is {value.shape[-2]}x{value.shape[-1]}; "
+                             f"expected {height}x{width}")
+        return jnp.asarray(value, jnp.float32)
+    from helios_jax.media import readers
+
+    load = readers.load_video if video else readers.load_image
+    return jnp.asarray(load(value, height, width))
+
+
+def _interpolation(embeds, num_chunks: int, interpolate_time_list, interpolation_steps: int):
+    """Interactive mode (spec §7): one prompt per interval of chunks, blended at each switch."""
+    from helios_jax.sampling import interactive
+
+    if interpolate_time_list is None:
+        interpolate_time_list = [7] * embeds.shape[0]
+    if len(interpolate_time_list) != embeds.shape[0]:
+        raise ValueError(f"interpolate_time_list has {len(interpolate_time_list)} entries for {embeds.shape[0]} prompts")
+    num_chunks = interactive.interpolated_chunk_count(num_chunks, interpolate_time_list)
+
+    def chunk_prompt(k):
+        j_prev, j, weight = interactive.chunk_prompt_weights(k, interpolate_time_list, interpolation_steps)
+        return interactive.blend_embeddings(embeds, j_prev, j, weight)[None]
+
+    return num_chunks, chunk_prompt
+
+
+def _trimmed(total_frames: int, temporal_stride: int) -> int:
+    return (total_frames - 1) // temporal_stride * temporal_stride + 1
+
+
+def _to_uint8(video: jax.Array) -> np.ndarray:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]: (x + 1) / 2 clamped, * 255, truncated."""
+    frames = np.asarray(jnp.clip((video + 1) / 2, 0, 1) * 255)
+    return frames.astype(np.uint8).transpose(0, 2, 3, 4, 1)
+
+
+def _pipeline_flags(model_index: Path) -> dict:
+    if not model_index.is_file():
+        return dict(is_cfg_zero_star=False, is_distilled=False)
+    try:
+        index = json.loads(model_index.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{model_index}: invalid JSON ({error})") from None
+    return dict(is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
+                is_distilled=bool(index.get("is_distilled", False)))
