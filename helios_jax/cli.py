@@ -7,6 +7,7 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
+from helios_jax import generate_command
 from helios_jax import __version__
 
 
@@ -20,10 +21,17 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other bad-input error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="helios-jax", description=__doc__)
+    parser = OneLineErrors(prog="helios-jax", description=__doc__)
     parser.add_argument("--version", action="version", version=f"helios-jax {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     forward = commands.add_parser(
         "forward",
@@ -39,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter and compute dtype")
     forward.add_argument("--seed", type=int, default=0)
     forward.set_defaults(run=run_forward)
+    generate_command.add_command(commands)
     add_commands(commands)
     return parser
 
