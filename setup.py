@@ -24,6 +24,7 @@ setup(
         "ml_dtypes",  # bfloat16 as a numpy dtype when reading and writing checkpoints
         "imageio",
         "imageio-ffmpeg",
+        "pillow",  # I2V/V2V preprocessing resizes with PIL, as the reference does
         "tqdm",
         "tokenizers",  # the UMT5 tokenizer (tokenizer.json); transformers is not needed at run time
         "ftfy",  # prompt cleaning, as the reference does it
