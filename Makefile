@@ -24,9 +24,10 @@ $(VENV)/.installed-test: setup.py | $(PY)
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Until the sampler lands, the demo runs the transformer on the tiny random model.
+# Two chunks of text-to-video from small random components (no weights needed): demo.mp4.
 demo: install
-	$(VENV)/bin/helios-jax forward --model tiny-random
+	$(VENV)/bin/helios-jax generate --model tiny-random --prompt "a red car drives along a coastal road" \
+		--num-frames 66 --out demo.mp4
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -97,6 +97,16 @@ def _interactive_prompts(args) -> list[str]:
     raise ValueError(f"--prompts-id {args.prompts_id}: not in {args.prompts_csv}")
 
 
+def _scheduler_stages(args) -> int:
+    """Read before any weights: the pyramid's stage count fixes which sizes are valid."""
+    from helios_jax.sampling.schedule_tables import from_config_json, from_folder
+    from helios_jax.sampling.variants import SCHEDULER_CONFIGS
+
+    if args.model == "tiny-random":
+        return from_config_json(SCHEDULER_CONFIGS[args.variant or "distilled"]).stages
+    return from_folder(str(Path(args.model) / "scheduler")).stages
+
+
 def _load_pipeline(args):
     from helios_jax.pipeline import HeliosPipeline
 
@@ -125,8 +135,8 @@ def run_generate(args, overrides=()) -> None:
     from helios_jax.media.video_writer import Mp4Writer
     from helios_jax.pipeline import check_size
 
+    check_size(height, width, _scheduler_stages(args))
     pipe = _load_pipeline(args)
-    check_size(height, width, pipe.scheduler.config.stages)
     if args.pyramid_steps and pipe.variant == "base":
         raise ValueError("--pyramid-steps applies to Mid and Distilled; Base takes --steps")
     if args.steps and pipe.variant != "base":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -70,9 +71,12 @@ class Mp4Writer:
             self._frame_shape = frames.shape[1:]
         elif frames.shape[1:] != self._frame_shape:
             raise ValueError(f"frames: size {frames.shape[1:]} differs from the first frames' {self._frame_shape}")
-        for frame in frames:
-            self._writer.append_data(frame)
-            self.frames_written += 1
+        with warnings.catch_warnings():
+            # The first frame starts ffmpeg, an exec'd child sharing nothing with JAX's threads.
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            for frame in frames:
+                self._writer.append_data(frame)
+                self.frames_written += 1
 
     def close(self) -> None:
         """Finishes encoding and moves the file into place; on failure removes it and raises."""
@@ -84,6 +88,7 @@ class Mp4Writer:
         writer, self._writer = self._writer, None
         try:
             writer.close()
+            os.chmod(self._partial, 0o666 & ~_umask())  # mkstemp makes it private; a video is not
             os.replace(self._partial, self.path)
         except Exception:
             self.abort()
@@ -101,3 +106,9 @@ class Mp4Writer:
         if self._partial is not None:
             self._partial.unlink(missing_ok=True)
             self._partial = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
