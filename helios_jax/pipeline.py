@@ -46,8 +46,10 @@ class Chunk:
     num_chunks: int
     latents: jax.Array  # [B, C, 9, h, w] fp32
     frames: np.ndarray | None  # [B, 33, H, W, 3] uint8, the last chunk already trimmed to 4m+1 frames
-    seconds: float  # wall time of this chunk (denoise + decode)
+    seconds: float  # wall time of this chunk (noise, denoise and decode)
     num_steps: int  # transformer evaluations of this chunk (each batched cond+uncond with CFG)
+    denoise_seconds: float  # the chunk program (transformer steps), waited for
+    decode_seconds: float  # VAE decode and the copy of frames to the host
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,9 @@ class HeliosPipeline:
                 block_noise=block_noise,
                 guidance_scale=guidance,
             )
-            latents = self._chunk_program(spec, self._state, inputs, tables)
+            denoise_start = time.perf_counter()
+            latents = self._chunk_program(spec, self._state, inputs, tables).block_until_ready()
+            decode_start = time.perf_counter()
             # The anchor: frame 0 of the first chunk (T2V), or of the second with is_skip_first_chunk.
             if (k == 0 and anchor is None) or (is_skip_first_chunk and k == 1):
                 anchor = latents[:, :, :1]
@@ -213,10 +217,9 @@ class HeliosPipeline:
                 if k == num_chunks - 1:  # the whole video is trimmed to 4m+1 frames
                     keep = _trimmed(num_chunks * plan.frames_per_chunk, self._temporal_stride)
                     frames = frames[:, : keep - k * plan.frames_per_chunk]
-            else:
-                latents.block_until_ready()
-            yield Chunk(k, num_chunks, latents, frames, time.perf_counter() - started,
-                        sum(s.num_steps for s in spec.stages))
+            done = time.perf_counter()
+            yield Chunk(k, num_chunks, latents, frames, done - started, sum(s.num_steps for s in spec.stages),
+                        decode_start - denoise_start, done - decode_start)
         source.finish()
 
     def decode_chunk(self, latents: jax.Array) -> np.ndarray:
