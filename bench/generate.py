@@ -71,18 +71,24 @@ def sampling_kwargs(args) -> dict:
     return kwargs
 
 
+def on_device(build):
+    """Accelerators: initialise inside jit so a 14B model never passes through host memory. CPU:
+    build eagerly (host numpy init; compiling the init graphs of big conv stacks takes minutes)."""
+    return build() if jax.default_backend() == "cpu" else nnx.jit(build)()
+
+
 def build_pipeline(args, text_dim: int):
-    """Random components, initialised on the device (a 14B model never passes through the host)."""
-    transformer = nnx.jit(lambda: HeliosTransformer3DModel(
-        transformer_config.preset(args.config, dtype=args.dtype, text_dim=text_dim), rngs=nnx.Rngs(0)))()
-    vae = nnx.jit(lambda: AutoencoderKLWan(vae_config.preset(args.vae), rngs=nnx.Rngs(1)))()
+    """Random components of the chosen presets."""
+    transformer = on_device(lambda: HeliosTransformer3DModel(
+        transformer_config.preset(args.config, dtype=args.dtype, text_dim=text_dim), rngs=nnx.Rngs(0)))
+    vae = on_device(lambda: AutoencoderKLWan(vae_config.preset(args.vae), rngs=nnx.Rngs(1)))
     scheduler = HeliosScheduler.from_config_json(SCHEDULER_CONFIGS[args.variant])
     return HeliosPipeline(transformer, vae, scheduler, **PIPELINE_FLAGS[args.variant])
 
 
 def time_text(args, text):
     """Seconds to encode one prompt (cond + negative with CFG), after a warm-up compile."""
-    encoder = nnx.jit(lambda: UMT5EncoderModel(text, rngs=nnx.Rngs(2)))()
+    encoder = on_device(lambda: UMT5EncoderModel(text, rngs=nnx.Rngs(2)))
     graphdef, state = nnx.split(encoder)
     encode = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
     batch = 2 if DEFAULTS[args.variant]["guidance_scale"] > 1 else 1
@@ -137,9 +143,12 @@ def torch_worker(args, text_dim: int):
                           **flags)
     pipe.set_progress_bar_config(disable=True)
     if device == "cpu":
-        # diffusers' fp32 Cholesky of the block-noise covariance fails on CPU (spec §4).
-        real = torch.linalg.cholesky
-        torch.linalg.cholesky = lambda cov: real(cov.double()).float()
+        # diffusers' fp32 Cholesky of the block-noise covariance fails on CPU (spec §4): the same
+        # factor computed in float64 from the unrounded covariance.
+        from helios_jax.sampling.pyramid import block_noise_factor
+
+        factor = torch.from_numpy(block_noise_factor(scheduler.config.gamma).T.copy())
+        torch.linalg.cholesky = lambda cov: factor.to(cov.device)
     embeds = torch.randn(1, TEXT_TOKENS, text_dim, device=device, dtype=dtype)
     kwargs = sampling_kwargs(args)
     kwargs.pop("use_zero_init", None) if args.variant == "base" else None

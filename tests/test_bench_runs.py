@@ -36,3 +36,13 @@ def test_convert_bench_prints_rss_and_throughput(tmp_path):
     assert result.returncode == 0, result.stderr
     for expected in ("peak RSS GiB", "convert MB/s", "read MB/s"):
         assert expected in result.stdout, result.stdout
+
+
+def test_generate_bench_prints_fps_split_and_speed_up():
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "generate.py"), "--num-frames", "33", "--steps", "1,1,1", "--torch-baseline"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for expected in ("frames/s end to end", "text", "transformer", "VAE decode", "TFLOP/s", "speed-up jax over torch"):
+        assert expected in result.stdout, result.stdout
