@@ -44,15 +44,15 @@ class Pair:
             is_distilled=components["is_distilled"],
         )
 
-    def run(self, task: str, seed: int):
-        settings = dict(ref.VARIANTS[self.variant].call)
+    def run(self, task: str, seed: int, frames: int = FRAMES, **extra):
+        settings = {**ref.VARIANTS[self.variant].call, **extra}
         negative = NEGATIVE if settings["guidance_scale"] > 1 else None
         draws, expected = ref.run_reference(
             self.variant, self.reference, prompt_embeds=PROMPT, negative_prompt_embeds=negative,
-            num_frames=FRAMES, height=H, width=W, seed=seed,
+            num_frames=frames, height=H, width=W, seed=seed,
             image=IMAGE if task == "i2v" else None, video=VIDEO if task == "v2v" else None, **settings)
         got = self.ours(
-            prompt_embeds=PROMPT, negative_prompt_embeds=negative, height=H, width=W, num_frames=FRAMES,
+            prompt_embeds=PROMPT, negative_prompt_embeds=negative, height=H, width=W, num_frames=frames,
             image=ref.to_signed(IMAGE) if task == "i2v" else None,
             video=ref.to_signed(VIDEO) if task == "v2v" else None,
             noise=list(draws), output_type="latent", **settings)
@@ -95,3 +95,10 @@ def test_rollout_matches_diffusers(pairs, variant, task):
     if conditioning:
         per_chunk.insert(0, relative_error(got[:, :, :conditioning], expected[:, :, :conditioning]))
     assert relative_error(got, expected) <= TOLERANCE, f"relative error per block (conditioning, chunks): {per_chunk}"
+
+
+def test_skip_first_chunk_takes_the_anchor_from_chunk_1(pairs):
+    """Three chunks: with is_skip_first_chunk the third chunk's anchor is frame 0 of the second."""
+    got, expected = pairs("distilled").run("t2v", seed=12, frames=99, is_skip_first_chunk=True)
+    assert got.shape == expected.shape == (1, ref.LATENT_CHANNELS, 27, H // 8, W // 8)
+    assert relative_error(got, expected) <= TOLERANCE

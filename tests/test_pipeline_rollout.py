@@ -147,3 +147,24 @@ def test_bad_arguments_are_refused_before_compiling(components):
     with pytest.raises(ValueError, match="not both"):
         pipe(prompt="a", prompt_embeds=EMBEDS)
     assert pipe.chunk_compilations == 0
+
+
+def test_interactive_prompts_switch_per_chunk_without_recompiling(components):
+    """Two prompts of 4 chunks each, blended over 3 chunks (spec §7): too few frames asked, so the
+    chunk count becomes the sum of the cumulative ends (4 + 8 = 12), and the prompt changes never
+    change the compiled program."""
+    from helios_jax.pipeline import _interpolation
+
+    embeds = np.stack([EMBEDS[0], -EMBEDS[0]])
+    num_chunks, chunk_prompt = _interpolation(embeds, 1, [4, 4], 3)
+    assert num_chunks == 12
+    np.testing.assert_array_equal(chunk_prompt(4)[0], embeds[0])  # first chunk of the new prompt: weight 0
+    np.testing.assert_allclose(chunk_prompt(5)[0], 0 * embeds[0], atol=1e-6)  # 50/50 blend of opposite prompts
+    np.testing.assert_array_equal(chunk_prompt(6)[0], embeds[1])
+    np.testing.assert_array_equal(chunk_prompt(8)[0], embeds[0])  # past the last interval: back to P_0 (quirk)
+
+    pipe = pipeline(components, "distilled")
+    chunks = list(pipe.iter_chunks(prompt_embeds=embeds, use_interpolate_prompt=True, interpolate_time_list=[4, 4],
+                                   height=64, width=64, num_frames=33, pyramid_num_inference_steps_list=[1, 1, 1],
+                                   is_amplify_first_chunk=False, decode=False))
+    assert len(chunks) == 12 and pipe.chunk_compilations == 1
