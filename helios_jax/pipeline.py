@@ -11,7 +11,6 @@ program (sampling/rollout.py); the history window and the anchor are the only st
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from helios_jax.media.frames import chunk_count, to_uint8, trim_frame_count
 from helios_jax.sampling import conditioning
 from helios_jax.sampling import variants as variants_lib
 from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
@@ -119,8 +119,8 @@ class HeliosPipeline:
         if num_frames < 1:
             raise ValueError(f"num_frames must be positive; got {num_frames}")
         per_chunk = (LATENT_FRAMES_PER_CHUNK - 1) * self._temporal_stride + 1
-        chunks = max(1, math.ceil(num_frames / per_chunk))
-        return FramePlan(chunks, per_chunk, _trimmed(chunks * per_chunk, self._temporal_stride))
+        chunks = chunk_count(num_frames, per_chunk)
+        return FramePlan(chunks, per_chunk, trim_frame_count(chunks * per_chunk, self._temporal_stride))
 
     def __call__(self, prompt=None, negative_prompt=None, *, output_type: str = "np", **kwargs):
         """Generate a whole video. `output_type="np"`: uint8 frames [T, H, W, 3] ([B, T, H, W, 3] for
@@ -128,9 +128,11 @@ class HeliosPipeline:
         chunk's latents), as diffusers returns it."""
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent'; got {output_type!r}")
-        chunks = list(self.iter_chunks(prompt, negative_prompt, decode=output_type == "np", **kwargs))
+        conditioning_latents = []
+        chunks = list(self.iter_chunks(prompt, negative_prompt, decode=output_type == "np",
+                                       conditioning_latents=conditioning_latents, **kwargs))
         if output_type == "latent":
-            return np.asarray(jnp.concatenate([*self._conditioning_latents, *(c.latents for c in chunks)], axis=2))
+            return np.asarray(jnp.concatenate([*conditioning_latents, *(c.latents for c in chunks)], axis=2))
         frames = np.concatenate([c.frames for c in chunks], axis=1)
         return frames[0] if frames.shape[0] == 1 else frames
 
@@ -159,9 +161,11 @@ class HeliosPipeline:
         interpolate_time_list=None,
         interpolation_steps: int = 3,
         decode: bool = True,
+        conditioning_latents: list | None = None,
     ) -> Iterator[Chunk]:
         """Generate chunk by chunk: each is yielded as soon as it is denoised (and decoded), so a
-        caller can write it out and memory stays flat however long the video."""
+        caller can write it out and memory stays flat however long the video. The I2V / V2V
+        latents that seed the history are appended to `conditioning_latents` when given."""
         settings, guidance_scale, num_frames = self._settings(
             num_frames, num_inference_steps, guidance_scale, pyramid_num_inference_steps_list,
             is_amplify_first_chunk, use_zero_init, zero_steps,
@@ -180,7 +184,9 @@ class HeliosPipeline:
         h, w = height // self._spatial_stride, width // self._spatial_stride
         batch = embeds.shape[0] if not use_interpolate_prompt else 1
         channels = self.transformer.config.in_channels
-        anchor, history = self._condition(image, video, height, width, batch, channels, h, w, source)
+        anchor, history, seeded = self._condition(image, video, height, width, batch, channels, h, w, source)
+        if conditioning_latents is not None:
+            conditioning_latents.extend(seeded)
 
         guidance = jnp.asarray(guidance_scale, jnp.float32)
         for k in range(num_chunks):
@@ -215,7 +221,7 @@ class HeliosPipeline:
             if decode:
                 frames = self.decode_chunk(latents)
                 if k == num_chunks - 1:  # the whole video is trimmed to 4m+1 frames
-                    keep = _trimmed(num_chunks * plan.frames_per_chunk, self._temporal_stride)
+                    keep = trim_frame_count(num_chunks * plan.frames_per_chunk, self._temporal_stride)
                     frames = frames[:, : keep - k * plan.frames_per_chunk]
             done = time.perf_counter()
             yield Chunk(k, num_chunks, latents, frames, done - started, sum(s.num_steps for s in spec.stages),
@@ -225,8 +231,8 @@ class HeliosPipeline:
     def decode_chunk(self, latents: jax.Array) -> np.ndarray:
         """Chunk latents (normalised) -> uint8 frames [B, 33, H, W, 3]; each chunk is an independent
         VAE segment (spec §8)."""
-        video = self.vae.decode(self.vae.denormalize_latents(latents))
-        return _to_uint8(video)
+        video = np.asarray(self.vae.decode(self.vae.denormalize_latents(latents)))
+        return np.stack([to_uint8(v) for v in video])
 
     @property
     def chunk_compilations(self) -> int:
@@ -311,11 +317,10 @@ class HeliosPipeline:
         return prompt_embeds, negative_prompt_embeds
 
     def _condition(self, image, video, height, width, batch, channels, h, w, source: NoiseSource):
-        """(anchor or None, history window [B, C, 19, h, w]) seeded for T2V, I2V or V2V (spec §6),
-        drawing in the reference's order; also keeps the conditioning latents for output_type="latent"."""
+        """(anchor or None, history window [B, C, 19, h, w], conditioning latents) for T2V, I2V or
+        V2V (spec §6), drawing in the reference's order."""
         window = sum(HISTORY_SIZES)
         history = jnp.zeros((batch, channels, window, h, w), jnp.float32)
-        self._conditioning_latents = []
         low, high = NOISE_SIGMA_RANGE
         if image is not None:
             pixels = _as_pixels(image, height, width, video=False)
@@ -323,8 +328,7 @@ class HeliosPipeline:
             image_latents = _noised(image_latents, source, low, high, (1,))
             fake = _noised(fake, source, low, high, (1,))
             history = jnp.concatenate([history[:, :, 1:], fake], axis=2)
-            self._conditioning_latents = [fake]
-            return image_latents, history
+            return image_latents, history, [fake]
         if video is not None:
             pixels = _as_pixels(video, height, width, video=True)
             first, video_latents = conditioning.video_condition(self.vae, pixels, source.normal)
@@ -335,9 +339,8 @@ class HeliosPipeline:
                 chunks.append(_noised(chunk, source, low, high, (chunk.shape[2],), per_frame=True))
             video_latents = jnp.concatenate(chunks, axis=2)
             history = jnp.concatenate([history, video_latents], axis=2)[:, :, -window:]
-            self._conditioning_latents = [video_latents]
-            return first, history
-        return None, history
+            return first, history, [video_latents]
+        return None, history, []
 
 
 def check_size(height: int, width: int, stages: int, spatial_stride: int = 8) -> None:
@@ -389,16 +392,6 @@ def _interpolation(embeds, num_chunks: int, interpolate_time_list, interpolation
         return interactive.blend_embeddings(embeds, j_prev, j, weight)[None]
 
     return num_chunks, chunk_prompt
-
-
-def _trimmed(total_frames: int, temporal_stride: int) -> int:
-    return (total_frames - 1) // temporal_stride * temporal_stride + 1
-
-
-def _to_uint8(video: jax.Array) -> np.ndarray:
-    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]: (x + 1) / 2 clamped, * 255, truncated."""
-    frames = np.asarray(jnp.clip((video + 1) / 2, 0, 1) * 255)
-    return frames.astype(np.uint8).transpose(0, 2, 3, 4, 1)
 
 
 def _pipeline_flags(model_index: Path) -> dict:

@@ -21,10 +21,6 @@ class NoiseSource:
         self._replay = None if replay is None else iter(replay)
         self.draws = 0
 
-    @classmethod
-    def from_arguments(cls, seed: int, noise: Iterable | None) -> "NoiseSource":
-        return cls(seed, replay=noise)
-
     def normal(self, shape) -> jax.Array:
         return self._draw("normal", tuple(int(s) for s in shape))
 
