@@ -198,6 +198,7 @@ def write_component(plan: ComponentPlan, dst: Path, progress: _Progress, dtype_o
                         hashed = threading.Event()
                         file.read_into(memoryview(source_buffer)[:info.nbytes], info.offset, hashed.set)
                         workers.submit(convert_one, key, source, source_buffer, out_buffer, hashed)
+                        del source, source_buffer, out_buffer  # the worker's now: a dropped buffer can be freed
                     file.finish()
                 finally:
                     file.close()
