@@ -9,8 +9,10 @@ one shard per block as the released checkpoints shard, then for each N:
   process's peak RSS (`VmHWM`), MB/s of source bytes (conversion call only; the process time
   with imports is printed beside it), and the peak RSS of an import-only process.
 
-Source files are freshly written, so both the plain read and the conversion read them from the page
-cache when it holds them; run on a quiet machine. Needs about 2.5 + 1.4 N GB of disk per N (fp32
+Both timed passes start from the same page-cache state of the source files (`--cache`): "cold"
+(cached pages dropped first: disk reads, as for a freshly downloaded checkpoint) and/or "warm"
+(read once first: page-cache reads, a memcpy). The conversion also writes its output and syncs it
+to disk, which the plain read does not. Run on a quiet machine. Needs about 2.5 + 1.4 N GB of disk per N (fp32
 source) plus the converted copy.
 
     python bench/convert.py --blocks 1 4 --workdir /tmp/helios-convert-bench
@@ -42,6 +44,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "keep"),
                         help="convert --dtype (default: the spec's, bf16 with fp32 islands)")
     parser.add_argument("--small", action="store_true", help="small shapes instead of the 14B ones")
+    parser.add_argument("--cache", nargs="+", default=["cold", "warm"], choices=("cold", "warm"),
+                        help="page-cache state of the source files before each timed pass (both passes alike)")
     parser.add_argument("--keep-files", action="store_true")
     return parser.parse_args(argv)
 
@@ -84,40 +88,62 @@ def write_checkpoint(folder: Path, config: dict) -> int:
     return total
 
 
+def set_cache_state(folder: Path, state: str) -> None:
+    """Put the source files in `state` before a timed pass, so that the plain read and the
+    conversion start alike: "warm" reads them once (the page cache then holds them, if it can),
+    "cold" asks the kernel to drop their cached pages (posix_fadvise DONTNEED; the files were
+    fsynced when written, so their pages are clean and are dropped)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        if state == "warm":
+            plain_read_file(path)
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def plain_read_file(path: Path, buffer=None) -> None:
+    buffer = buffer or bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as file:
+        while file.readinto(buffer):
+            pass
+
+
 def plain_read(folder: Path) -> float:
     """Seconds to read every safetensors file of `folder` sequentially."""
     start = time.perf_counter()
     buffer = bytearray(16 << 20)
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb", buffering=0) as file:
-            while file.readinto(buffer):
-                pass
+        plain_read_file(path, buffer)
     return time.perf_counter() - start
 
 
 MEASURE = """
-import time
+import os, time
 start = time.perf_counter()
 {setup}
-timed = time.perf_counter()
+timed, cpu = time.perf_counter(), os.times()
 {body}
-end = time.perf_counter()
+end, cpu_end = time.perf_counter(), os.times()
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(end - timed, end - start, peak * 1024)
+cpu_s = cpu_end.user + cpu_end.system - cpu.user - cpu.system
+print(end - timed, end - start, peak * 1024, cpu_s)
 """
 
 
-def in_subprocess(setup: str, body: str = "pass") -> tuple[float, float, int]:
-    """(seconds of `body`, seconds of the process after start-up, peak RSS bytes): `setup` then
-    `body` run in a fresh Python process."""
+def in_subprocess(setup: str, body: str = "pass") -> tuple[float, float, int, float]:
+    """(seconds of `body`, seconds of the process after start-up, peak RSS bytes, CPU seconds of
+    `body` over all threads): `setup` then `body` run in a fresh Python process."""
     code = MEASURE.format(setup=setup, body=body)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
-    seconds, total, rss = result.stdout.strip().splitlines()[-1].split()
-    return float(seconds), float(total), int(rss)
+    seconds, total, rss, cpu = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(total), int(rss), float(cpu)
 
 
 def main(argv=None):
@@ -126,24 +152,29 @@ def main(argv=None):
     shutil.rmtree(work, ignore_errors=True)
     gib, mb = 1024**3, 1e6
     imports = "from checkpoints_convert.convert import convert\nimport helios_jax.models.transformer"
-    _, _, baseline = in_subprocess(imports)
+    _, _, baseline, _ = in_subprocess(imports)
     print(f"import-only process peak RSS: {baseline / gib:.2f} GiB")
-    print(f"{'N':>3} {'source GB':>10} {'read s':>8} {'read MB/s':>10} {'convert s':>10} {'convert MB/s':>13} "
-          f"{'ratio':>6} {'with imports s':>15} {'peak RSS GiB':>13}")
+    print(f"{'N':>3} {'cache':>5} {'source GB':>10} {'read s':>8} {'read MB/s':>10} {'convert s':>10} "
+          f"{'convert MB/s':>13} {'ratio':>6} {'CPU s':>6} {'with imports s':>15} {'peak RSS GiB':>13}")
     rows = []
     for blocks in args.blocks:
         src, dst = work / f"src-{blocks}", work / f"dst-{blocks}"
         total = write_checkpoint(src, diffusers_config(blocks, args.small))
-        read_s = plain_read(src)
-        dtype = f", dtype={args.dtype!r}" if args.dtype else ""
-        convert_s, process_s, rss = in_subprocess(
-            imports, f"convert({str(src)!r}, {str(dst)!r}, progress=False{dtype})")
-        row = dict(blocks=blocks, source_bytes=total, read_s=read_s, convert_s=convert_s, process_s=process_s,
-                   peak_rss=rss, read_mb_s=total / mb / read_s, convert_mb_s=total / mb / convert_s)
-        rows.append(row)
-        print(f"{blocks:>3} {total / 1e9:>10.2f} {read_s:>8.1f} {row['read_mb_s']:>10.0f} {convert_s:>10.1f} "
-              f"{row['convert_mb_s']:>13.0f} {row['convert_mb_s'] / row['read_mb_s']:>6.2f} {process_s:>15.1f} "
-              f"{rss / gib:>13.2f}", flush=True)
+        for cache in args.cache:
+            set_cache_state(src, cache)
+            read_s = plain_read(src)
+            shutil.rmtree(dst, ignore_errors=True)
+            set_cache_state(src, cache)
+            dtype = f", dtype={args.dtype!r}" if args.dtype else ""
+            convert_s, process_s, rss, cpu_s = in_subprocess(
+                imports, f"convert({str(src)!r}, {str(dst)!r}, progress=False{dtype})")
+            row = dict(blocks=blocks, cache=cache, source_bytes=total, read_s=read_s, convert_s=convert_s,
+                       process_s=process_s, cpu_s=cpu_s, peak_rss=rss, read_mb_s=total / mb / read_s,
+                       convert_mb_s=total / mb / convert_s)
+            rows.append(row)
+            print(f"{blocks:>3} {cache:>5} {total / 1e9:>10.2f} {read_s:>8.1f} {row['read_mb_s']:>10.0f} "
+                  f"{convert_s:>10.1f} {row['convert_mb_s']:>13.0f} {row['convert_mb_s'] / row['read_mb_s']:>6.2f} "
+                  f"{cpu_s:>6.1f} {process_s:>15.1f} {rss / gib:>13.2f}", flush=True)
         if not args.keep_files:
             shutil.rmtree(src)
             shutil.rmtree(dst)

@@ -11,7 +11,6 @@ A converted component folder holds `config.json` (the source's, unchanged), `par
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -19,16 +18,19 @@ import re
 import shutil
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from checkpoints_convert import components as comp
+from checkpoints_convert.inflight import BufferPool, Hasher, HashingFile, as_array
 from checkpoints_convert.key_rules import IGNORED_KEY
+from checkpoints_convert.layout_copy import cast_to_layout, our_shape
 from checkpoints_convert.param_store import ParamReader, ParamWriter, numpy_dtype
 from checkpoints_convert.safetensors_folder import CheckpointError
-from checkpoints_convert.safetensors_stream import StreamingFolder, read_tensor
+from checkpoints_convert.safetensors_stream import StreamingFolder
 
 CONVERTER_VERSION = "1.0"
 DTYPE_CHOICES = ("bfloat16", "float32", "keep")
@@ -38,6 +40,10 @@ OFFICIAL_ONLY = (r"^blocks\.\d+\.attn1\.history_key_scale$", r"^blocks\.\d+\.att
                  r"^gan_heads\.", r"^gan_final_head\.")
 # Test hook: SIGKILL this process after writing N tensors (the atomicity test).
 KILL_AFTER_ENV = "HELIOS_CONVERT_KILL_AFTER"
+# Bytes of the buffers for tensors being read, hashed, converted or written (source buffers plus
+# converted copies, reused): enough to overlap reading with converting; the largest tensor (the
+# 14B model's fp32 `time_proj`, 629 MB + 315 MB in bf16) passes alone when it does not fit beside others.
+MAX_BYTES_IN_FLIGHT = 1 << 30
 
 
 class LeafPlan:
@@ -123,15 +129,6 @@ class ComponentPlan:
         return sum(self.reader.info(k).nbytes for k in self.tensor_keys)
 
 
-def _sha256(paths: list[Path], out: dict) -> None:
-    for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as file:
-            while chunk := file.read(16 << 20):
-                digest.update(chunk)
-        out[path] = digest.hexdigest()
-
-
 class _Progress:
     def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
@@ -149,36 +146,70 @@ class _Progress:
 
 def write_component(plan: ComponentPlan, dst: Path, progress: _Progress, dtype_option: str | None) -> None:
     dst.mkdir(parents=True)
-    hashes: dict[Path, str] = {}
-    # One thread hashes the source files while the conversion runs (hashlib releases the GIL).
-    hasher = threading.Thread(target=_sha256, args=(plan.reader.files, hashes), daemon=True)
-    hasher.start()
     writer = ParamWriter(dst / "params")
     for leaf in plan.leaves.values():
         writer.create(leaf.name, leaf.shape, leaf.dtype, stacked=leaf.stacked, transform=leaf.transform,
                       source_keys=[leaf.sources[i] for i in range(leaf.layers)],
                       torch_keys=[leaf.torch_keys[i] for i in range(leaf.layers)])
     where = {key: (leaf, layer) for leaf in plan.leaves.values() for layer, key in leaf.sources.items()}
+    by_file = {path: [] for path in plan.reader.files}
+    for key in plan.tensor_keys:  # already in file and offset order
+        by_file[plan.reader.file_of(key)].append(key)
+    # The main thread reads; one worker casts, lays out and writes; the hasher hashes what was read.
+    # A tensor's source buffer goes back to the pool once both are done with it.
+    pool, hasher = BufferPool(MAX_BYTES_IN_FLIGHT), Hasher()
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
-    pending = None  # one write in flight while the next tensor is read: at most two tensors in memory
-    for count, key in enumerate(plan.tensor_keys, 1):
+    written, lock, failures = [0], threading.Lock(), []
+
+    def layout(leaf):
+        return lambda a: plan.component.key_map.to_our_layout(a, leaf.transform)
+
+    def convert_one(key, source, source_buffer, out_buffer, hashed):
         leaf, layer = where[key]
-        info = plan.reader.info(key)
-        # Cast while contiguous (fast), then hand tensorstore the transposed view to lay out.
-        array = read_tensor(info).astype(leaf.dtype, copy=False)
-        array = plan.component.key_map.to_our_layout(array, leaf.transform)
-        if pending is not None:
-            pending.result()
-        pending = writer.write(leaf.name, layer if leaf.stacked else None, array)
-        del array
-        progress.update(plan.component.kind, info.nbytes)
-        if kill_after and count >= kill_after:
-            pending.result()
-            os.kill(os.getpid(), signal.SIGKILL)
-    if pending is not None:
-        pending.result()
+        try:
+            shape = our_shape(source.shape, layout(leaf))
+            array = cast_to_layout(source, leaf.dtype, layout(leaf), out=as_array(out_buffer, shape, leaf.dtype))
+            writer.write(leaf.name, layer if leaf.stacked else None, array)
+            with lock:
+                written[0] += 1
+                progress.update(plan.component.kind, source.nbytes)
+                if kill_after and written[0] >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            pool.give(out_buffer)
+            hashed.wait()  # the hasher may still be reading the source buffer
+            pool.give(source_buffer)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert") as workers:
+        try:
+            for path, keys in by_file.items():
+                file = HashingFile(path, hasher, pool)
+                try:
+                    for key in keys:
+                        if failures:
+                            raise failures[0]
+                        info, leaf = plan.reader.info(key), where[key][0]
+                        converted_bytes = info.nbytes // info.dtype.itemsize * leaf.dtype.itemsize
+                        file.hash_up_to(info.offset)  # (takes buffers itself: not while holding this tensor's)
+                        source_buffer, out_buffer = pool.take(info.nbytes, converted_bytes)
+                        source = as_array(source_buffer, info.shape, info.dtype)
+                        hashed = threading.Event()
+                        file.read_into(memoryview(source_buffer)[:info.nbytes], info.offset, hashed.set)
+                        workers.submit(convert_one, key, source, source_buffer, out_buffer, hashed)
+                        del source, source_buffer, out_buffer  # the worker's now: a dropped buffer can be freed
+                    file.finish()
+                finally:
+                    file.close()
+        except BaseException:
+            workers.shutdown(cancel_futures=True)
+            hasher.finish()
+            raise
+    hashes = hasher.finish()
+    if failures:
+        raise failures[0]
     writer.finish()
-    hasher.join()
     shutil.copy2(plan.folder / "config.json", dst / "config.json")
     stored = {}
     for leaf in plan.leaves.values():

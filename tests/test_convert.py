@@ -1,5 +1,6 @@
 """`helios-jax convert` / `export`: round trips through diffusers and transformers for all three
 components, dtypes, whole model folders, verification, mesh restore, atomicity and bad input."""
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,12 @@ from flax import nnx
 from transformers import UMT5EncoderModel as TorchUMT5
 
 import helios_jax
+from checkpoints_convert import convert as convert_module
+from checkpoints_convert import transformer_keys, vae_keys
 from checkpoints_convert.convert import KILL_AFTER_ENV, convert
+from checkpoints_convert.inflight import BufferPool, Hasher, HashingFile
+from checkpoints_convert.layout_copy import cast_to_layout
+from checkpoints_convert.safetensors_stream import StreamingFolder
 from checkpoints_convert.export import export
 from checkpoints_convert.param_store import ParamReader
 from helios_jax.cli import main
@@ -36,6 +42,10 @@ def _state(module):
 def _same_state(a, b):
     a, b = _state(a), _state(b)
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _bit_identical(torch_a, torch_b):
@@ -87,6 +97,7 @@ def test_whole_folder_layout_and_carried_files(model_folder, round_trip):
     files = {f["name"]: f for f in metadata["source_files"]}
     assert len(files) > 1 and all(len(f["sha256"]) == 64 for f in files.values())
     assert all(f["size"] == (src / "transformer" / name).stat().st_size for name, f in files.items())
+    assert all(f["sha256"] == _sha256(src / "transformer" / name) for name, f in files.items())
     assert len(list((exported / "transformer").glob("diffusion_pytorch_model-0000*-of-0000*.safetensors"))) > 1
     assert (exported / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert not list(converted.parent.glob(".*tmp-*"))
@@ -290,6 +301,8 @@ def test_official_only_extras_and_aliases_are_accepted(model_folder, tmp_path):
     convert(folder, tmp_path / "out", dtype="keep", progress=False)
     metadata = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert sorted(metadata["skipped_tensors"]) == ["blocks.0.attn1.history_key_scale", "gan_heads.0.weight"]
+    # skipped tensors are not converted, yet hashed with the rest of the file
+    assert metadata["source_files"][0]["sha256"] == _sha256(folder / "diffusion_pytorch_model.safetensors")
     export(tmp_path / "out", tmp_path / "exported", progress=False)
     back = TorchHelios.from_pretrained(tmp_path / "exported")
     assert _bit_identical(model_folder[1]["transformer"], back)
@@ -325,3 +338,84 @@ def test_dst_exists_without_overwrite(model_folder, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(src / "vae"), str(tmp_path / "e"), "--quiet"]) == 2  # not a converted folder
     assert (dst / "mine.txt").read_text() == "keep me"
+
+
+def test_buffers_in_flight_stay_within_the_pool_limit(model_folder, tmp_path, monkeypatch):
+    """The reader runs ahead of the writer by at most the pool's limit; a tensor above it passes
+    alone; buffers are reused rather than allocated per tensor."""
+    src, _ = model_folder
+    pools, breaches = [], []
+
+    class RecordingPool(BufferPool):
+        def __init__(self, limit):
+            super().__init__(limit)
+            pools.append(self)
+
+        def take(self, *sizes):
+            taken = super().take(*sizes)
+            if self.in_use > self.limit and self.in_use != sum(b.size for b in taken):
+                breaches.append((self.in_use, sizes))
+            return taken
+
+    limit = 64 * 1024
+    monkeypatch.setattr(convert_module, "MAX_BYTES_IN_FLIGHT", limit)
+    monkeypatch.setattr(convert_module, "BufferPool", RecordingPool)
+    convert(src / "transformer", tmp_path / "out", dtype="keep", verify=True, progress=False)
+    reader = StreamingFolder(src / "transformer")
+    largest = max(reader.info(key).nbytes for key in reader.keys())
+    assert sum(reader.info(key).nbytes for key in reader.keys()) > 2 * limit  # the limit did bind
+    (pool,) = pools
+    assert not breaches and pool.in_use == 0 and 0 < pool.peak <= max(limit, 2 * largest + 2 * 4096)
+
+
+def test_buffer_pool_reuses_buffers_and_serves_one_oversized_request_alone():
+    pool = BufferPool(3 * 4096)
+    a, b = pool.take(10, 4096)
+    assert a.size == b.size == 4096 and a.ctypes.data % 4096 == 0 == b.ctypes.data % 4096
+    pool.give(a)
+    pool.give(b)
+    (c,) = pool.take(100)
+    assert c is a or c is b  # reused, not allocated
+    pool.give(c)
+    (big,) = pool.take(5 * 4096)  # above the limit, but nothing else is in use: free buffers dropped
+    assert big.size == 5 * 4096 and pool.allocated == 5 * 4096 and pool.peak == 5 * 4096
+
+
+@pytest.mark.parametrize("keys, transform, shape", [
+    (transformer_keys, transformer_keys.LINEAR, (37, 23)),
+    (transformer_keys, transformer_keys.CONV3D, (9, 3, 1, 2, 2)),
+    (transformer_keys, transformer_keys.SQUEEZE0, (1, 6, 8)),
+    (vae_keys, vae_keys.CONV2D, (7, 5, 3, 3)),
+    (vae_keys, vae_keys.CONV1X1, (7, 5, 1, 1)),
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_banded_cast_and_layout_equals_a_plain_copy(keys, transform, shape, dtype, monkeypatch):
+    import checkpoints_convert.layout_copy as layout_copy
+
+    monkeypatch.setattr(layout_copy, "_BAND_BYTES", 64)  # many bands, a partial last one
+    source = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    target = np.dtype(jnp.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    ours = cast_to_layout(source, target, lambda a: keys.to_our_layout(a, transform))
+    expected = np.ascontiguousarray(keys.to_our_layout(source, transform)).astype(target)
+    assert ours.flags.c_contiguous and ours.dtype == target and ours.shape == expected.shape
+    assert ours.tobytes() == expected.tobytes()
+
+
+def test_hashing_file_hashes_every_byte_once_in_order(tmp_path, monkeypatch):
+    """Reads with gaps (headers, skipped tensors), overlaps and an unread tail hash the whole file."""
+    import checkpoints_convert.inflight as inflight
+
+    monkeypatch.setattr(inflight, "_GAP_CHUNK", 7)
+    data = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    hasher, pool = Hasher(), BufferPool(1 << 20)
+    file = HashingFile(path, hasher, pool)
+    for offset, size in [(10, 30), (40, 5), (30, 20), (120, 40)]:
+        buffer = bytearray(size)
+        file.read_into(memoryview(buffer), offset, lambda: None)
+        assert bytes(buffer) == data[offset:offset + size]
+    file.finish()
+    file.close()
+    assert hasher.finish() == {path: hashlib.sha256(data).hexdigest()}
+    assert pool.in_use == 0
