@@ -55,6 +55,8 @@ def write_file_direct(path: Path, data: memoryview) -> None:
             else:
                 try:
                     _write_all(direct, data[:head], 0)
+                except OSError:  # some file systems accept the flag but refuse the writes
+                    head = 0
                 finally:
                     os.close(direct)
         else:
