@@ -66,3 +66,15 @@ def sharding_for(shape, logical_axes, mesh: Mesh, rules=PARAMETER_RULES) -> Name
 
 def activation_sharding(shape, logical_axes, mesh: Mesh) -> NamedSharding:
     return sharding_for(shape, logical_axes, mesh, ACTIVATION_RULES)
+
+
+# --- The active mesh (read by sequence-parallel attention) -------------------------------------
+
+def current_mesh():
+    """The mesh set by `jax.set_mesh(...)` (an AbstractMesh inside jit), or None when none is set.
+
+    Models read it instead of taking a mesh argument, so one set of weights runs unsharded or
+    sharded without changes (e.g. helios_jax.kernels.self_attention goes sequence-parallel when
+    its `seq` axis is larger than 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from helios_jax.kernels import dot_product_attention
+from helios_jax.kernels import dot_product_attention, self_attention
 from helios_jax.models import rope
 from helios_jax.models.layers import (
     AffineLayerNorm,
@@ -127,7 +127,10 @@ class Attention(nnx.Module):
         if rotary is not None:
             q = rope.apply_rope(q, *rotary)
             k = rope.apply_rope(k, *rotary)
-        out = dot_product_attention(q, k, v, impl=self.attention_impl)
+        # Self-attention goes sequence-parallel under a mesh with seq > 1; cross-attention keys
+        # (512 text tokens) are short enough to stay replicated.
+        attend = self_attention if context is None else dot_product_attention
+        out = attend(q, k, v, impl=self.attention_impl)
         return self.to_out(out.reshape(*out.shape[:-2], -1).astype(x.dtype))
 
 
