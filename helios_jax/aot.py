@@ -290,7 +290,15 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
     progress(f"compiling {task} of {model} for {topology} ({len(devices)} x {devices[0].device_kind}), "
              f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}")
     start = time.perf_counter()
-    compiled = function.lower(*args).compile()
+    try:
+        compiled = function.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        # The TPU compiler refuses a program whose buffers exceed HBM: that is an answer, say it in one line.
+        message = str(error).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        raise AotError(f"--topology {topology}: {task} of {model} (mesh {describe_mesh(dict(mesh.shape))}, batch {batch}) "
+                       f"does NOT fit: {message}") from None
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
