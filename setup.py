@@ -31,8 +31,11 @@ setup(
     ],
     extras_require={
         # References for parity tests only; the product never imports torch.
+        # jax[tpu] brings the libtpu that matches jax (0.0.50.1 for jax 0.12.0.1; 214 MB download,
+        # 640 MB installed): tests/test_aot.py compiles for TPU topologies with it, no TPU needed.
         "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
-                 "sentencepiece"],  # sentencepiece builds the test tokenizer
+                 "sentencepiece",  # sentencepiece builds the test tokenizer
+                 "jax[tpu]"],
         "data": ["tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},

@@ -7,7 +7,7 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
-from helios_jax import generate_command
+from helios_jax import aot_command, distributed, generate_command
 from helios_jax import __version__
 
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.set_defaults(run=run_forward)
     generate_command.add_command(commands)
     add_commands(commands)
+    aot_command.add_command(commands)
     return parser
 
 
@@ -58,6 +59,7 @@ def run_forward(args, overrides) -> None:
     from flax import nnx
 
     from helios_jax.config_flags import apply_overrides, load_config
+    from helios_jax.distributed import log
     from helios_jax.loading import load
     from helios_jax.models.example_inputs import example_inputs, token_counts
     from helios_jax.models.forward import make_forward, parameter_count
@@ -78,12 +80,12 @@ def run_forward(args, overrides) -> None:
     history_tokens, current_tokens = token_counts(config, args.latent_size, history=history)
     forward, state = make_forward(model)
 
-    print(f"model: {args.model}  layers={config.num_layers}  dim={config.num_attention_heads * config.attention_head_dim}"
+    log(f"model: {args.model}  layers={config.num_layers}  dim={config.num_attention_heads * config.attention_head_dim}"
           f"  dtype={config.dtype}  parameters={parameter_count(model):,}")
-    print(f"tokens: {history_tokens} history + {current_tokens} current = {history_tokens + current_tokens}"
+    log(f"tokens: {history_tokens} history + {current_tokens} current = {history_tokens + current_tokens}"
           f"  (backend: {jax.default_backend()})")
     for name, value in inputs.items():
-        print(f"  {name:32s} {tuple(value.shape)} {value.dtype}")
+        log(f"  {name:32s} {tuple(value.shape)} {value.dtype}")
     start = time.perf_counter()
     out = jax.block_until_ready(forward(state, **inputs))
     compiled = time.perf_counter() - start
@@ -93,9 +95,9 @@ def run_forward(args, overrides) -> None:
     values = np.asarray(out, np.float32)
     if not np.isfinite(values).all():
         raise FloatingPointError("transformer output has non-finite values")
-    print(f"output (velocity for the current chunk): {tuple(out.shape)} {out.dtype}"
+    log(f"output (velocity for the current chunk): {tuple(out.shape)} {out.dtype}"
           f"  mean={values.mean():+.4f} std={values.std():.4f}")
-    print(f"first call (compile + run): {compiled:.2f} s   second call: {ran * 1e3:.1f} ms")
+    log(f"first call (compile + run): {compiled:.2f} s   second call: {ran * 1e3:.1f} ms")
 
 
 def main(argv=None) -> int:
@@ -105,9 +107,10 @@ def main(argv=None) -> int:
     argv, overrides = split_overrides(argv)
     args = build_parser().parse_args(argv)
     try:
+        distributed.initialize_if_configured()  # before any jax use: joins the other hosts, if any
         args.run(args, overrides)
     except (ValueError, NotImplementedError, OSError, FloatingPointError) as error:
-        print(f"helios-jax {args.command}: error: {error}", file=sys.stderr)
+        distributed.error_log(f"helios-jax {args.command}: error: {error}")
         return 2
     return 0
 

@@ -1,0 +1,347 @@
+"""Ahead-of-time compilation for a TPU topology on a machine without TPUs.
+
+libtpu describes any slice (`v5p:4x4x4`) as abstract devices; a mesh over them, parameters and
+inputs as `ShapeDtypeStruct`s with shardings from helios_jax.parallel, and `jit(...).lower(...)
+.compile()` give the compiler's own memory plan and FLOP count per device, without allocating
+anything. That answers "does this step fit on that slice, with that mesh?" before renting it.
+
+Three steps are compiled, each at the pipeline's 384x640 shapes (latent 9x48x80 per chunk):
+`forward` (one transformer call), `rollout` (the Distilled chunk program: 3 pyramid stages x 2 DMD
+steps, its real schedule tables) and `train` (flow-matching MSE loss and its gradient with
+full rematerialisation; no optimizer).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from helios_jax.aot_command import MODELS, TASKS
+from helios_jax.parallel import AXES, activation_sharding, make_mesh, sharding_for
+
+LATENT_SIZE = (9, 48, 80)  # one chunk at 384x640: 33 frames -> 9 latent frames, 8x spatial VAE
+TEXT_TOKENS = 512
+GIB = 1024**3
+
+# HBM per chip (GiB), by the topology name's generation prefix.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+
+
+class AotError(ValueError):
+    """Bad --topology / --mesh / --task: the message names the flag."""
+
+
+@dataclass
+class Report:
+    topology: str
+    task: str
+    model: str
+    mesh: dict
+    devices: int
+    device_kind: str
+    parameters: int
+    parameter_bytes_per_device: float
+    argument_bytes: float
+    output_bytes: float
+    alias_bytes: float
+    temp_bytes: float
+    code_bytes: float
+    flops_per_device: float
+    model_flops: float
+    compile_seconds: float
+    hbm_gib: float | None
+
+    @property
+    def peak_bytes(self) -> float:
+        # What the compiled program holds at once on one device: its buffers (outputs that alias
+        # donated arguments counted once), the temporaries' high-water mark and the code.
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_gib is None else self.peak_bytes <= self.hbm_gib * GIB
+
+
+def quiet_libtpu_environment(topology: str) -> None:
+    """libtpu looks for TPU VM metadata when it loads and prints warnings when there is none;
+    a compile-only run has none to find, so say what it would have found. Must run before libtpu
+    is loaded; the compiled target is the --topology given, whatever these say."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for real chips; compiling
+    # touches none, so several compiles (tests, a sweep) may run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    generation, _, shape = topology.partition(":")
+    try:
+        chips = math.prod(int(n) for n in shape.split("x"))
+    except ValueError:
+        return  # topology_devices reports the bad name
+    # Accelerator type names count TensorCores: two per chip on v4/v5p, one on v5e/v6e.
+    names = {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}", "v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}
+    if generation.lower() in names:
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", names[generation.lower()])
+
+
+def topology_devices(name: str) -> list:
+    """Abstract devices of a TPU slice such as `v5p:2x2x2` or `v5e:2x4` (needs libtpu)."""
+    from jax.experimental import topologies
+
+    if ":" not in name:
+        raise AotError(f"--topology must look like v5p:2x2x2 or v5e:2x4; got {name!r}")
+    try:
+        import libtpu  # noqa: F401 - only to say clearly what is missing
+    except ImportError:
+        raise AotError("--topology needs libtpu to describe TPU devices: pip install 'jax[tpu]'") from None
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as error:  # libtpu raises XlaRuntimeError/ValueError with long texts
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AotError(f"--topology {name!r} is not a TPU topology libtpu knows: {first}") from None
+
+
+def hbm_gib(topology: str) -> float | None:
+    generation = topology.split(":")[0].lower()
+    return HBM_GIB.get(generation)
+
+
+def parse_mesh(text: str | None) -> dict:
+    """`fsdp=4,tensor=2` -> {"fsdp": 4, "tensor": 2}; None or "" -> fsdp over every device."""
+    if not text:
+        return {"fsdp": -1}
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, value = part.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in AXES:
+            raise AotError(f"--mesh must be AXIS=SIZE,... with AXIS one of {', '.join(AXES)}; got {part!r}")
+        if axis in sizes:
+            raise AotError(f"--mesh names {axis} twice")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise AotError(f"--mesh {axis} size must be an integer (or -1); got {value!r}") from None
+    return sizes
+
+
+def build_mesh(devices: list, sizes: dict) -> Mesh:
+    try:
+        mesh = make_mesh(**sizes, devices=devices)
+    except ValueError as error:
+        raise AotError(f"--mesh: {error}") from None
+    if mesh.size != len(devices):
+        raise AotError(f"--mesh uses {mesh.size} of the topology's {len(devices)} devices; use them all (or -1)")
+    return mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# Abstract parameters and inputs
+
+
+def model_config(name: str, task: str):
+    from helios_jax.models import transformer_config
+
+    if name not in MODELS:
+        raise AotError(f"--model must be one of {', '.join(MODELS)}; got {name!r}")
+    # Training keeps only each block's input across the scan (full remat): memory flat in depth.
+    return transformer_config.preset(name, remat_policy="full" if task == "train" else "none")
+
+
+def abstract_state(config, mesh: Mesh):
+    """(graphdef, parameters as ShapeDtypeStructs sharded by their logical axes). Nothing is allocated."""
+    from helios_jax.models.transformer import HeliosTransformer3DModel
+
+    model = nnx.eval_shape(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def place(var):
+        value = var.get_value()
+        axes = tuple(var.get_metadata().get("out_sharding") or ())
+        sharding = sharding_for(value.shape, axes or (None,) * len(value.shape), mesh)
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    return graphdef, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _batch_sharded(shape, dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    """The leading dimension is the batch (data parallel), the rest replicated."""
+    axes = ("batch",) + (None,) * (len(shape) - 1) if shape else ()
+    sharding = activation_sharding(shape, axes, mesh) if shape else NamedSharding(mesh, PartitionSpec())
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _replicated(shape, dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def abstract_forward_inputs(config, mesh: Mesh, batch: int) -> dict:
+    """The transformer's keyword arguments as the pipeline shapes them (history 16+2+2 frames)."""
+    from helios_jax.models.example_inputs import example_inputs
+
+    shapes = jax.eval_shape(lambda: example_inputs(config, LATENT_SIZE, batch=batch, text_len=TEXT_TOKENS))
+    return {name: (_replicated if name.startswith("indices") else _batch_sharded)(s.shape, s.dtype, mesh)
+            for name, s in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The three steps
+
+
+def forward_step(graphdef, state, config, mesh: Mesh, batch: int):
+    """(jitted function, its abstract arguments)."""
+    def forward(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs)
+
+    return jax.jit(forward), (state, abstract_forward_inputs(config, mesh, batch)), batch * forward_flops(config)
+
+
+def train_step(graphdef, state, config, mesh: Mesh, batch: int):
+    """Flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, MSE in fp32; returns the loss
+    and the gradient of every parameter (sharded like the parameter)."""
+    inputs = abstract_forward_inputs(config, mesh, batch)
+    clean = inputs.pop("hidden_states")
+    noise = jax.ShapeDtypeStruct(clean.shape, jnp.float32, sharding=clean.sharding)
+    clean = jax.ShapeDtypeStruct(clean.shape, jnp.float32, sharding=clean.sharding)
+    sigma = _batch_sharded((batch,), jnp.float32, mesh)
+    inputs.pop("timestep")
+
+    def loss_fn(state, clean, noise, sigma, inputs):
+        s = sigma[:, None, None, None, None]
+        noisy = ((1 - s) * clean + s * noise).astype(config.dtype)
+        prediction = nnx.merge(graphdef, state)(noisy, sigma * 1000.0, **inputs)
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - (noise - clean)))
+
+    def step(state, clean, noise, sigma, inputs):
+        return jax.value_and_grad(loss_fn)(state, clean, noise, sigma, inputs)
+
+    param_shardings = jax.tree.map(lambda s: s.sharding, state)
+    jitted = jax.jit(step, out_shardings=(NamedSharding(mesh, PartitionSpec()), param_shardings))
+    # Backward = 2 x forward (the convention of MFU); full remat adds one more forward not counted.
+    return jitted, (state, clean, noise, sigma, inputs), 3 * batch * forward_flops(config)
+
+
+def rollout_step(graphdef, state, config, mesh: Mesh, batch: int):
+    """The Distilled chunk program (steady-state chunk: 3 stages x 2 DMD steps, no CFG)."""
+    from helios_jax.pipeline import HISTORY_SIZES, LATENT_FRAMES_PER_CHUNK
+    from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
+    from helios_jax.sampling.pyramid import block_noise_count
+    from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
+    from helios_jax.sampling.schedulers import HeliosScheduler
+    from helios_jax.sampling.variants import DEFAULTS, SCHEDULER_CONFIGS
+
+    scheduler = HeliosScheduler.from_config_json(SCHEDULER_CONFIGS["distilled"])
+    settings = SamplingSettings(pyramid_steps=tuple(DEFAULTS["distilled"]["pyramid_num_inference_steps_list"]),
+                                guidance="none", history_sizes=HISTORY_SIZES, frames=LATENT_FRAMES_PER_CHUNK)
+    _, h, w = LATENT_SIZE
+    spec, tables = plan_chunk(scheduler.config, scheduler.constants, settings, latent_height=h,
+                              latent_width=w, is_first_chunk=False, patch_size=tuple(config.patch_size))
+    channels = config.in_channels
+    f32 = jnp.float32
+    inputs = ChunkInputs(
+        history=_batch_sharded((batch, channels, spec.window, h, w), f32, mesh),
+        anchor=_batch_sharded((batch, channels, 1, h, w), f32, mesh),
+        prompt_embeds=_batch_sharded((batch, TEXT_TOKENS, config.text_dim), jnp.dtype(config.dtype), mesh),
+        negative_prompt_embeds=None,
+        noise=_batch_sharded((batch, channels, spec.frames, h, w), f32, mesh),
+        block_noise=tuple(_replicated((block_noise_count((batch, channels, spec.frames, s.height, s.width)), 4), f32, mesh)
+                          for s in spec.stages[1:]),
+        guidance_scale=_replicated((), f32, mesh),
+    )
+    program = make_chunk_program(graphdef)
+    flops = batch * sum(s.num_steps * forward_flops(config, (spec.frames, s.height, s.width)) for s in spec.stages)
+    return program, (spec, state, inputs, tables), flops
+
+
+def forward_flops(config, current_size=None) -> float:
+    """Matmul FLOPs of one transformer call on one sample (helios_jax.models.flops)."""
+    from helios_jax.models.example_inputs import token_counts
+    from helios_jax.models.flops import transformer_flops
+
+    history, current = token_counts(config, LATENT_SIZE, current_size=current_size)
+    return transformer_flops(config, history, current, TEXT_TOKENS)
+
+
+STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step}
+
+
+def compile_report(topology: str, *, model: str = "helios_14b", task: str = "forward", mesh_text: str | None = None,
+                   batch: int | None = None, progress=lambda message: None) -> Report:
+    if task not in TASKS:
+        raise AotError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
+    sizes = parse_mesh(mesh_text)  # a typo in --mesh is reported before libtpu is loaded
+    devices = topology_devices(topology)
+    mesh = build_mesh(devices, sizes)
+    config = model_config(model, task)
+    if batch is None:
+        # Training fills every data-parallel rank with one sample; sampling makes one video.
+        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task == "train" else 1
+    if batch < 1:
+        raise AotError(f"--batch must be positive; got {batch}")
+    graphdef, state = abstract_state(config, mesh)
+    parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+    function, args, model_flops = STEPS[task](graphdef, state, config, mesh, batch)
+    progress(f"compiling {task} of {model} for {topology} ({len(devices)} x {devices[0].device_kind}), "
+             f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}")
+    start = time.perf_counter()
+    try:
+        compiled = function.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        # The TPU compiler refuses a program whose buffers exceed HBM: that is an answer, say it in one line.
+        message = str(error).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        raise AotError(f"--topology {topology}: {task} of {model} (mesh {describe_mesh(dict(mesh.shape))}, batch {batch}) "
+                       f"does NOT fit: {message}") from None
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
+    return Report(
+        topology=topology, task=task, model=model, mesh=dict(mesh.shape), devices=len(devices),
+        device_kind=devices[0].device_kind, parameters=parameters, parameter_bytes_per_device=per_device,
+        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+        code_bytes=memory.generated_code_size_in_bytes, flops_per_device=float(cost.get("flops", float("nan"))),
+        model_flops=model_flops,
+        compile_seconds=seconds, hbm_gib=hbm_gib(topology),
+    )
+
+
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+    shard = x.sharding.shard_shape(x.shape)
+    return math.prod(shard) * np.dtype(x.dtype).itemsize
+
+
+def describe_mesh(shape: dict) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in shape.items() if size > 1) or "single device"
+
+
+def format_report(report: Report) -> list[str]:
+    gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
+    fits = {None: "unknown HBM size for this generation", True: "fits", False: "does NOT fit"}[report.fits]
+    hbm = f"{report.hbm_gib:g} GiB HBM per chip" if report.hbm_gib else "HBM unknown"
+    return [
+        f"topology:     {report.topology} ({report.devices} x {report.device_kind})",
+        f"mesh:         {describe_mesh(report.mesh)}",
+        f"task:         {report.task} of {report.model} at 384x640 (latent {'x'.join(map(str, LATENT_SIZE))})",
+        f"parameters:   {report.parameters:,} ({report.parameter_bytes_per_device / GIB:.3f} GiB per device)",
+        "memory per device:",
+        f"  arguments   {gib(report.argument_bytes)}",
+        f"  outputs     {gib(report.output_bytes)}",
+        f"  aliased     {gib(report.alias_bytes)}",
+        f"  temporaries {gib(report.temp_bytes)}",
+        f"  code        {gib(report.code_bytes)}",
+        f"  peak        {gib(report.peak_bytes)}  ({fits}: {hbm})",
+        # XLA's cost analysis counts the body of a loop once: the 40 scanned blocks count as one.
+        f"FLOPs:        {report.flops_per_device:.4g} per device by XLA's cost analysis (a loop body counted once)",
+        f"model FLOPs:  {report.model_flops:.4g} per step, {report.model_flops / report.devices:.4g} per device "
+        f"(matmuls, helios_jax.models.flops)",
+        f"compile time: {report.compile_seconds:.1f} s",
+    ]

@@ -1,0 +1,42 @@
+"""`helios-jax aot`: compile a step for a TPU slice on this (TPU-less) machine and print its memory
+plan per device and its FLOPs (helios_jax/aot.py does the work)."""
+from __future__ import annotations
+
+# Here rather than in helios_jax.aot so that building the parser does not import jax.
+TASKS = ("forward", "rollout", "train")
+MODELS = ("helios_14b", "tiny")
+
+
+def add_command(commands) -> None:
+    aot = commands.add_parser(
+        "aot", help="compile a step ahead of time for a TPU topology and print memory per device and FLOPs",
+        description="Compile one step of the Helios transformer at 384x640 for a TPU slice described by "
+        "libtpu (no TPU needed) and print per-device memory (arguments, outputs, temporaries, peak), "
+        "FLOPs, and whether the peak fits the chip's HBM. Exit 0 when it compiled.")
+    aot.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x4, v6e:2x4, v5p:2x2x1, v5p:4x4x4")
+    aot.add_argument("--model", default="helios_14b", choices=MODELS, help="transformer preset")
+    aot.add_argument("--task", default="forward", choices=TASKS,
+                     help="forward: one transformer call; rollout: the Distilled chunk program; "
+                     "train: loss + gradient with full remat")
+    aot.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                     help="mesh over data,fsdp,tensor,seq (one size may be -1); default fsdp over all devices")
+    aot.add_argument("--batch", type=int, default=None,
+                     help="global batch (default: 1 video for forward/rollout, one sample per data-parallel rank for train)")
+    aot.set_defaults(run=run)
+
+
+def run(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"{overrides[0]}: aot takes no --config overrides")
+    from helios_jax.aot import compile_report, format_report, quiet_libtpu_environment
+    from helios_jax.distributed import log
+
+    quiet_libtpu_environment(args.topology)
+    import jax
+
+    # The host runs nothing itself: keep its own backend on the CPU even where libtpu is installed.
+    jax.config.update("jax_platforms", "cpu")
+    report = compile_report(args.topology, model=args.model, task=args.task, mesh_text=args.mesh,
+                            batch=args.batch, progress=log)
+    for line in format_report(report):
+        log(line)
