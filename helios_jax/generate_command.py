@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+from helios_jax.distributed import log
 from helios_jax.sampling.variants import VARIANTS
 
 
@@ -144,8 +145,8 @@ def run_generate(args, overrides=()) -> None:
     num_frames = args.num_frames or pipe.defaults()["num_frames"]
     plan = pipe.frame_plan(num_frames)
     task = "image-to-video" if args.image else "video-to-video" if args.video else "text-to-video"
-    print(f"{pipe.variant} {task}, {width}x{height}: num_frames {num_frames} -> {plan.num_chunks} chunk(s) of "
-          f"{plan.frames_per_chunk} frames -> {plan.frames_returned} frames (4m+1) at {args.fps} fps", flush=True)
+    log(f"{pipe.variant} {task}, {width}x{height}: num_frames {num_frames} -> {plan.num_chunks} chunk(s) of "
+          f"{plan.frames_per_chunk} frames -> {plan.frames_returned} frames (4m+1) at {args.fps} fps")
 
     kwargs = dict(
         height=height, width=width, num_frames=num_frames, seed=args.seed, image=args.image, video=args.video,
@@ -168,11 +169,11 @@ def run_generate(args, overrides=()) -> None:
             elapsed = time.perf_counter() - started
             left = chunk.num_chunks - chunk.index - 1
             eta = elapsed / (chunk.index + 1) * left
-            print(f"chunk {chunk.index + 1}/{chunk.num_chunks}: {chunk.num_steps} steps in {chunk.seconds:.1f} s "
+            log(f"chunk {chunk.index + 1}/{chunk.num_chunks}: {chunk.num_steps} steps in {chunk.seconds:.1f} s "
                   f"({chunk.num_steps / chunk.seconds:.2f} steps/s), {frames_done} frames, "
-                  f"{frames_done / elapsed:.2f} frames/s, ETA {_clock(eta)}", flush=True)
+                  f"{frames_done / elapsed:.2f} frames/s, ETA {_clock(eta)}")
     total = time.perf_counter() - started
-    print(f"wrote {args.out}: {frames_done} frames in {total:.1f} s ({frames_done / total:.2f} frames/s)")
+    log(f"wrote {args.out}: {frames_done} frames in {total:.1f} s ({frames_done / total:.2f} frames/s)")
 
 
 def _clock(seconds: float) -> str:
