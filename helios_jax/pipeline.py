@@ -95,7 +95,7 @@ class HeliosPipeline:
         flags = _pipeline_flags(folder / "model_index.json")
         text_encoder = None
         if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype)
+            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype, mesh=mesh)
         return cls(
             load(folder / "transformer", dtype=dtype, mesh=mesh),
             load(folder / "vae", mesh=mesh),
