@@ -1,8 +1,8 @@
 """Restore a converted component folder into its NNX module, optionally sharded onto a mesh.
 
 `params/` is an Orbax checkpoint; Orbax restores each parameter straight into its sharding, so
-with a mesh a host reads only the slices its devices hold. Until the
-project's sharding rules exist (issue 7), a parameter's logical axes are mapped by `DEFAULT_RULES`.
+with a mesh a host reads only the slices its devices hold. Shardings come from the project's rules
+(helios_jax.parallel, configs/sharding.py).
 """
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from checkpoints_convert import components as comp
 from checkpoints_convert.convert import CONVERSION_JSON
 from checkpoints_convert.param_store import ParamReader
 from checkpoints_convert.safetensors_folder import CheckpointError
-
-# Logical axis -> mesh axis, tried in order; an axis is used once per parameter and only where it
-# divides the dimension. Everything else is replicated.
-DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-                 ("mlp", "fsdp"), ("heads", "fsdp"))
+from helios_jax import parallel
 
 
 def is_converted(folder) -> bool:
@@ -31,17 +27,8 @@ def is_converted(folder) -> bool:
     return (folder / CONVERSION_JSON).is_file() and (folder / "params").is_dir()
 
 
-def sharding_of(var, mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    names = set(mesh.axis_names)
-    if not names & {mesh_axis for _, mesh_axis in rules}:  # a mesh with other names: shard embed on its first axis
-        rules = (("embed", mesh.axis_names[0]),)
-    spec, used = [], set()
-    for size, axis in zip(var.shape, comp.logical_axes(var) or (None,) * len(var.shape)):
-        choice = next((m for logical, m in rules if logical == axis and m in names and m not in used
-                       and size % mesh.shape[m] == 0), None)
-        used.add(choice)
-        spec.append(choice)
-    return NamedSharding(mesh, PartitionSpec(*spec))
+def sharding_of(var, mesh) -> NamedSharding:
+    return parallel.parameter_sharding(var, mesh)
 
 
 def restore(folder, *, dtype: str | None = None, mesh=None) -> nnx.Module:

@@ -130,6 +130,17 @@ class StreamingFolder:
     def read(self, key: str) -> np.ndarray:
         return read_tensor(self._info[key])
 
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's first axis only (contiguous in the file): what
+        sharded loading reads for one device."""
+        info = self._info[key]
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows {start}:{stop} out of range for tensor {key} of shape {info.shape}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        part = TensorInfo(key, info.path, info.dtype, (stop - start, *info.shape[1:]),
+                          info.offset + start * row_bytes, (stop - start) * row_bytes)
+        return read_tensor(part)
+
 
 def write_file(path: Path, entries, metadata: dict | None = None) -> None:
     """Write a safetensors file from `entries`: (key, shape, dtype, produce) with `produce()` giving

@@ -72,6 +72,12 @@ class UsedTokenTable:
     def file_of(self, key: str):
         return getattr(self._tensors, "file_of", lambda _: "checkpoint")(key)
 
+    def __getattr__(self, name: str):
+        # Anything else (info, read_rows for sharded loading) is the wrapped reader's.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._tensors, name)
+
 
 def torch_key_of(path: str, layer: int | None = None) -> str:
     """The transformers key of our leaf `path` (and `layer`, for block parameters)."""

@@ -1,8 +1,10 @@
 """`helios_jax.load`: a component folder -> its Flax NNX module, with weights read one tensor at a time."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -11,6 +13,7 @@ from checkpoints_convert import components
 from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.safetensors_folder import CheckpointError
 from checkpoints_convert.safetensors_stream import StreamingFolder
+from helios_jax import parallel
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -28,17 +31,13 @@ def load(path, *, dtype=None, mesh=None):
     if restore.is_converted(folder):  # written by `helios-jax convert`
         return restore.restore(folder, dtype=dtype_name(dtype), mesh=mesh)
     config_json = components.read_config(folder)
-    if mesh is not None:
-        raise NotImplementedError(
-            "loading a diffusers-format folder onto a mesh is not available yet; convert it first (helios-jax convert)"
-        )
     component = components.component_of(folder, config_json)
     overrides = {"dtype": dtype_name(dtype)} if dtype is not None else {}
     try:
         config = component.config_of(config_json, **overrides)
     except ValueError as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    return component_from_tensors(component, config, StreamingFolder(folder))
+    return component_from_tensors(component, config, StreamingFolder(folder), mesh=mesh)
 
 
 def dtype_name(dtype) -> str | None:
@@ -50,11 +49,12 @@ def dtype_name(dtype) -> str | None:
     return name
 
 
-def component_from_tensors(component: components.Component, config, tensors) -> nnx.Module:
-    """Build `component` for `config` and fill it from `tensors` (the reference's state-dict names)."""
+def component_from_tensors(component: components.Component, config, tensors, *, mesh=None) -> nnx.Module:
+    """Build `component` for `config` and fill it from `tensors` (the reference's state-dict names);
+    with `mesh`, each parameter is read shard by shard straight onto its devices."""
     abstract = nnx.eval_shape(lambda: component.module_class(config, rngs=nnx.Rngs(0)))
-    return module_from_tensors(abstract, component.wrap_reader(tensors), component.key_map,
-                               num_layers=config.get("num_layers", 0))
+    fill = module_from_tensors if mesh is None else functools.partial(sharded_module_from_tensors, mesh=mesh)
+    return fill(abstract, component.wrap_reader(tensors), component.key_map, num_layers=config.get("num_layers", 0))
 
 
 def transformer_from_state_dict(config, tensors) -> nnx.Module:
@@ -109,3 +109,84 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
     for name, var in flat.items():
         var.set_value(jnp.asarray(buffers.pop(name)))
     return nnx.merge(graphdef, state)
+
+
+# Which of our axes a checkpoint tensor's first (torch) axis becomes, per layout transform: a shard
+# along that axis is a contiguous run of rows in the file and is read alone.
+TORCH_ROWS_AXIS = {"linear": -1, "conv3d": -1, "conv2d": -1, "conv1x1": -1, "same": 0}
+
+
+def sharded_module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0, mesh) -> nnx.Module:
+    """`module_from_tensors` onto `mesh`: every parameter becomes a jax.Array built by
+    `jax.make_array_from_callback`, whose callback reads only the slice one device holds (for
+    stacked parameters only the layers in its range), so no host or device holds the whole model.
+    Checks (unknown, repeated, misshapen, missing tensors) happen on headers, before any read."""
+    graphdef, state = nnx.split(abstract)
+    flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers)
+    for name, var in flat.items():
+        sharding = parallel.parameter_sharding(var, mesh)
+        stacked = components.is_stacked(var)
+        read = functools.partial(_read_slice, tensors, key_map, sources[name], stacked, var.dtype)
+        var.set_value(jax.make_array_from_callback(tuple(var.shape), sharding, read))
+    return nnx.merge(graphdef, state)
+
+
+def _index_tensors(class_name: str, flat: dict, tensors, key_map, num_layers: int) -> dict:
+    """{leaf name: {layer (-1 unstacked): (key, transform)}}, validated as module_from_tensors does."""
+    sources: dict[str, dict] = {name: {} for name in flat}
+    where = getattr(tensors, "file_of", lambda key: "checkpoint")
+    for key in tensors.keys():
+        target = key_map.locate(key)
+        if target is IGNORED_KEY:
+            continue
+        if target is None or target.path not in flat:
+            raise CheckpointError(f"{where(key)}: tensor {key} has no place in {class_name}")
+        var = flat[target.path]
+        if target.layer is not None and target.layer >= num_layers:
+            raise CheckpointError(f"{where(key)}: tensor {key} is beyond num_layers={num_layers}")
+        expected = tuple(var.shape[1:]) if target.layer is not None else tuple(var.shape)
+        shape = _our_shape(tensors, key_map, key, target.transform)
+        if shape != expected:
+            raise CheckpointError(f"{where(key)}: tensor {key} has shape {shape} in our layout, expected {expected}")
+        layer = target.layer if target.layer is not None else -1
+        if layer in sources[target.path]:
+            raise CheckpointError(f"{where(key)}: tensor {key} given twice (directly and as a legacy alias?)")
+        sources[target.path][layer] = (key, target.transform)
+    missing = [name for name, var in flat.items()
+               if len(sources[name]) != (num_layers if components.is_stacked(var) else 1)]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+    return sources
+
+
+def _our_shape(tensors, key_map, key: str, transform: str) -> tuple:
+    """A tensor's shape in our layout from its header alone (a zero-stride view costs no memory)."""
+    if not hasattr(tensors, "info"):
+        return tuple(key_map.to_our_layout(np.asarray(tensors.read(key)), transform).shape)
+    view = np.broadcast_to(np.zeros((), np.float32), tensors.info(key).shape)
+    return tuple(key_map.to_our_layout(view, transform).shape)
+
+
+def _read_slice(tensors, key_map, layer_sources: dict, stacked: bool, dtype, index: tuple) -> np.ndarray:
+    """The part `index` (one slice per axis) of one parameter, read from the checkpoint."""
+    if not stacked:
+        key, transform = layer_sources[-1]
+        return _read_part(tensors, key_map, key, transform, index).astype(dtype)
+    layers = range(*index[0].indices(len(layer_sources)))
+    parts = [_read_part(tensors, key_map, *layer_sources[layer], index[1:]) for layer in layers]
+    return np.stack(parts).astype(dtype)
+
+
+def _read_part(tensors, key_map, key: str, transform: str, index: tuple) -> np.ndarray:
+    """tensor[index] in our layout; only the file rows that the slice needs are read when the
+    reader can read rows and the transform keeps torch's first axis as one of ours."""
+    axis = TORCH_ROWS_AXIS.get(transform)
+    if axis is None or not hasattr(tensors, "read_rows") or not index:
+        return key_map.to_our_layout(np.asarray(tensors.read(key)), transform)[index]
+    axis %= len(index)
+    start, stop, step = index[axis].indices(tensors.info(key).shape[0])
+    rows = tensors.read_rows(key, start, stop)
+    local = list(index)
+    local[axis] = slice(0, stop - start, step)
+    return key_map.to_our_layout(rows, transform)[tuple(local)]

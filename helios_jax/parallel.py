@@ -7,11 +7,14 @@ mesh of one device, everything runs unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from helios_jax.parallel_rules import ACTIVATION_RULES, PARAMETER_RULES
@@ -68,13 +71,82 @@ def activation_sharding(shape, logical_axes, mesh: Mesh) -> NamedSharding:
     return sharding_for(shape, logical_axes, mesh, ACTIVATION_RULES)
 
 
-# --- The active mesh (read by sequence-parallel attention) -------------------------------------
+# ------------------------------------------------------------------------------------------------
+# The active mesh and activation constraints
 
-def current_mesh():
-    """The mesh set by `jax.set_mesh(...)` (an AbstractMesh inside jit), or None when none is set.
 
-    Models read it instead of taking a mesh argument, so one set of weights runs unsharded or
-    sharded without changes (e.g. helios_jax.kernels.self_attention goes sequence-parallel when
-    its `seq` axis is larger than 1)."""
+def use_mesh(mesh: Mesh | None):
+    """Context in which `constrain` and jitted programs see `mesh` (a no-op context for None)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def active_mesh():
+    """The mesh set by `use_mesh` / `jax.set_mesh` (abstract inside jit), or None when there is none
+    or it has a single device (then constraints would only cost compile time)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin activation `x` to the sharding ACTIVATION_RULES give its logical axes on the active mesh;
+    unchanged without one, so models run as they are on one device."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match activation shape {x.shape}")
+    spec = partition_spec(x.shape, logical_axes, mesh, ACTIVATION_RULES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters on a mesh
+
+
+def logical_axes_of(variable) -> tuple:
+    """The logical axis names a parameter was created with (`layers.param`); () when untagged."""
+    return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+def parameter_sharding(variable, mesh: Mesh) -> NamedSharding:
+    axes = logical_axes_of(variable)
+    return sharding_for(variable.shape, axes or (None,) * len(variable.shape), mesh)
+
+
+def shard_state(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place every variable of `module` by its logical axes on `mesh` (in place; returns `module`).
+    For a model already in memory; to build or load one without a full copy anywhere, use
+    `init_sharded` or `helios_jax.load(path, mesh=mesh)`."""
+    for _, variable in nnx.to_flat_state(nnx.state(module)):
+        variable.set_value(jax.device_put(variable.get_value(), parameter_sharding(variable, mesh)))
+    return module
+
+
+def init_sharded(build_fn, mesh: Mesh) -> nnx.Module:
+    """`build_fn()` (a module constructor call) initialised straight into its shardings: shapes come
+    from nnx.eval_shape, then one jit with out_shardings, so each device only computes and holds
+    its own shard (random init is partitionable) and no full parameter exists anywhere."""
+    abstract = nnx.eval_shape(build_fn)
+    graphdef, state = nnx.split(abstract)
+    variables = [variable for _, variable in nnx.to_flat_state(state)]
+    shardings = [parameter_sharding(variable, mesh) for variable in variables]
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def build():
+        fresh = nnx.state(build_fn())
+        return [variable.get_value() for _, variable in nnx.to_flat_state(fresh)]
+
+    with use_mesh(mesh):
+        values = build()
+    for variable, value in zip(variables, values):
+        variable.set_value(value)
+    return nnx.merge(graphdef, state)
+
+
+def mesh_of(module: nnx.Module) -> Mesh | None:
+    """The multi-device mesh `module`'s parameters are placed on, or None (one device / unplaced)."""
+    for _, variable in nnx.to_flat_state(nnx.state(module)):
+        sharding = getattr(variable.get_value(), "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None

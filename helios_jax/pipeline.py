@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from helios_jax import parallel
 from helios_jax.media.frames import chunk_count, to_uint8, trim_frame_count
 from helios_jax.sampling import conditioning
 from helios_jax.sampling import variants as variants_lib
@@ -61,8 +62,11 @@ class FramePlan:
 
 class HeliosPipeline:
     def __init__(self, transformer, vae, scheduler, text_encoder=None, *, is_cfg_zero_star: bool = False,
-                 is_distilled: bool = False):
+                 is_distilled: bool = False, mesh=None):
+        """`mesh`: where the chunk program runs; by default the mesh the transformer's parameters are
+        sharded on (helios_jax.load(..., mesh=...), parallel.shard_state / init_sharded), else none."""
         self.transformer = transformer
+        self.mesh = mesh if mesh is not None else parallel.mesh_of(transformer)
         self.vae = vae
         self.scheduler = scheduler if isinstance(scheduler, HeliosScheduler) else HeliosScheduler(scheduler)
         self.text_encoder = text_encoder
@@ -91,13 +95,14 @@ class HeliosPipeline:
         flags = _pipeline_flags(folder / "model_index.json")
         text_encoder = None
         if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype)
+            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype, mesh=mesh)
         return cls(
             load(folder / "transformer", dtype=dtype, mesh=mesh),
             load(folder / "vae", mesh=mesh),
             HeliosScheduler.from_folder(str(folder / "scheduler")),
             text_encoder,
             **flags,
+            mesh=mesh,
         )
 
     @classmethod
@@ -211,7 +216,8 @@ class HeliosPipeline:
                 guidance_scale=guidance,
             )
             denoise_start = time.perf_counter()
-            latents = self._chunk_program(spec, self._state, inputs, tables).block_until_ready()
+            with parallel.use_mesh(self.mesh):
+                latents = self._chunk_program(spec, self._state, inputs, tables).block_until_ready()
             decode_start = time.perf_counter()
             # The anchor: frame 0 of the first chunk (T2V), or of the second with is_skip_first_chunk.
             if (k == 0 and anchor is None) or (is_skip_first_chunk and k == 1):
@@ -231,7 +237,8 @@ class HeliosPipeline:
     def decode_chunk(self, latents: jax.Array) -> np.ndarray:
         """Chunk latents (normalised) -> uint8 frames [B, 33, H, W, 3]; each chunk is an independent
         VAE segment (spec §8)."""
-        video = np.asarray(self.vae.decode(self.vae.denormalize_latents(latents)))
+        with parallel.use_mesh(self.mesh):
+            video = np.asarray(self.vae.decode(self.vae.denormalize_latents(latents)))
         return np.stack([to_uint8(v) for v in video])
 
     @property

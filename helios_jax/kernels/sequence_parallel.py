@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from helios_jax.kernels.dispatch import dot_product_attention
-from helios_jax.parallel import current_mesh
+from helios_jax.parallel import active_mesh
 
 BATCH_AXES = ("data", "fsdp")
 HEADS_AXIS = "tensor"
@@ -33,8 +33,8 @@ MASKED_LOGIT = -1e30  # padded keys in the ring
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto", axis: str = "seq"):
     """What the transformer calls for self-attention: sequence-parallel when the active mesh
-    (`helios_jax.parallel.current_mesh()`) has `axis` larger than 1, plain attention otherwise."""
-    mesh = current_mesh()
+    (`helios_jax.parallel.active_mesh()`) has `axis` larger than 1, plain attention otherwise."""
+    mesh = active_mesh()
     if mesh is None or _axis_size(mesh, axis) <= 1:
         return dot_product_attention(q, k, v, impl=impl)
     return sequence_parallel_attention(q, k, v, mesh=mesh, axis=axis, impl=impl)

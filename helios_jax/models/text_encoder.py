@@ -17,6 +17,9 @@ from flax import nnx
 
 from helios_jax.models.layers import RMSNorm, gelu_tanh, normal, param, stacked_layers
 from helios_jax.models.text_encoder_config import validate
+from helios_jax.parallel import constrain
+
+HIDDEN_AXES = ("batch", "length", "embed")
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -152,7 +155,7 @@ class UMT5EncoderModel(nnx.Module):
         length = input_ids.shape[1]
         buckets = jnp.asarray(relative_position_buckets(
             length, length, config.relative_attention_num_buckets, config.relative_attention_max_distance))
-        x = self.token_embedding(input_ids)
+        x = constrain(self.token_embedding(input_ids), HIDDEN_AXES)
         x = self._run_blocks(x, buckets, key_mask)
         return self.final_norm(x)
 
@@ -160,7 +163,7 @@ class UMT5EncoderModel(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, block_state):
-            return nnx.merge(graphdef, block_state)(carry, buckets, key_mask), None
+            return constrain(nnx.merge(graphdef, block_state)(carry, buckets, key_mask), HIDDEN_AXES), None
 
         x, _ = jax.lax.scan(body, x, state)
         return x

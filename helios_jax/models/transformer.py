@@ -17,6 +17,7 @@ from flax import nnx
 
 from helios_jax.kernels import dot_product_attention, self_attention
 from helios_jax.models import rope
+from helios_jax.parallel import constrain
 from helios_jax.models.layers import (
     AffineLayerNorm,
     Dense,
@@ -50,6 +51,10 @@ class Modulation(NamedTuple):
     history: jax.Array | None
     current: jax.Array
     history_length: int
+
+
+# Logical axes of the token stream; the rules put batch on data/fsdp and tokens on seq.
+TOKEN_AXES = ("batch", "length", "embed")
 
 
 def modulate_segments(x: jax.Array, history: jax.Array | None, current: jax.Array, length: int, fn):
@@ -257,13 +262,15 @@ class HeliosTransformer3DModel(nnx.Module):
         )
         # Sequence order [long | mid | short | current]: history terms were collected short first.
         terms = terms[::-1]
-        x = jnp.concatenate([t[0] for t in terms], axis=1)
-        rotary = tuple(jnp.concatenate([t[i] for t in terms], axis=1) for i in (1, 2))
+        x = constrain(jnp.concatenate([t[0] for t in terms], axis=1), TOKEN_AXES)
+        rotary = tuple(constrain(jnp.concatenate([t[i] for t in terms], axis=1), ("batch", "length", None))
+                       for i in (1, 2))
         history_length = x.shape[1] - current_length
 
         # Conditioning: temb/projection for t, and for t = 0 for the history segment.
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
         context = self.condition_embedder.text_embedder(jnp.asarray(encoder_hidden_states).astype(self.dtype))
+        context = constrain(context, ("batch", None, "embed"))  # text tokens stay whole: every query needs all
         temb, projection = self.condition_embedder.embed_time(timestep)
         history_projection = None
         if config.zero_history_timestep:
@@ -313,7 +320,7 @@ class HeliosTransformer3DModel(nnx.Module):
 
         def body(carry, block_state):
             block = nnx.merge(graphdef, block_state)
-            return block(carry, context, modulation, rotary, current_length), None
+            return constrain(block(carry, context, modulation, rotary, current_length), TOKEN_AXES), None
 
         policy = self.config.remat_policy
         if policy not in REMAT_POLICIES:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen import with_logical_constraint
 
 from helios_jax.kernels import dot_product_attention
+from helios_jax import parallel
 from helios_jax.models.layers import Dense, ones, param, silu, xavier_uniform, zeros
 
 # Logical names of video activations; a mesh rule can map height/width to devices (spatial sharding).
@@ -23,8 +23,9 @@ CONTEXT_FRAMES = 2
 
 
 def constrain(x: jax.Array) -> jax.Array:
-    """Name the axes of a video activation (a no-op unless logical axis rules are active)."""
-    return with_logical_constraint(x, VIDEO_AXES)
+    """Name the axes of a video activation: sharded by the activation rules on the active mesh
+    (height over `seq`), a no-op without a mesh."""
+    return parallel.constrain(x, VIDEO_AXES)
 
 
 def with_context(x: jax.Array, cache: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from helios_jax.parallel import constrain
 from helios_jax.sampling import guidance as guidance_lib
 from helios_jax.sampling import unipc_step as unipc
 from helios_jax.sampling.chunk_plan import ChunkSpec, ChunkTables, StageTables
@@ -87,13 +88,17 @@ def _velocity_fn(model, spec: ChunkSpec, inputs: ChunkInputs):
     if guided:
         histories = {k: jnp.concatenate([v, v], axis=0) for k, v in histories.items()}
         context = jnp.concatenate([context, inputs.negative_prompt_embeds], axis=0)
-    context = context.astype(dtype)
+    # On a mesh, cond and uncond are one batch of 2B split over `data` (CFG's two passes in parallel).
+    batch_first = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1))  # noqa: E731
+    histories = {k: batch_first(v) for k, v in histories.items()}
+    context = batch_first(context.astype(dtype))
     indices = {k: jnp.asarray(v) for k, v in rope_indices(spec).items()}
 
     def predict(x, timestep, zero_init):
         hidden = x.astype(dtype)
         if guided:
             hidden = jnp.concatenate([hidden, hidden], axis=0)
+        hidden = batch_first(hidden)
         t = jnp.broadcast_to(timestep, (hidden.shape[0],))
         v = model(hidden, t, context, **histories, **indices)
         cond, uncond = jnp.split(v, 2, axis=0) if guided else (v, None)

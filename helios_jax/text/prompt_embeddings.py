@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helios_jax import parallel
 from helios_jax.loading import load
 from helios_jax.models.text_encoder import UMT5EncoderModel
 from helios_jax.text.prompt_cleaning import clean_prompt
@@ -43,15 +44,16 @@ class TextEncoder:
     def __init__(self, encoder: UMT5EncoderModel, tokenizer: PromptTokenizer):
         self.encoder = encoder
         self.tokenizer = tokenizer
+        self.mesh = parallel.mesh_of(encoder)  # sharded parameters: the encoder runs on their mesh
         graphdef, self._state = nnx.split(encoder)
         self._embed = jax.jit(partial(_embed, graphdef))
         self._negative: dict[str, jax.Array] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype=None) -> "TextEncoder":
+    def from_pretrained(cls, path: str | Path, *, dtype=None, mesh=None) -> "TextEncoder":
         """A model folder holding `text_encoder/` (transformers UMT5EncoderModel) and `tokenizer/`."""
         path = Path(path)
-        return cls(load(path / "text_encoder", dtype=dtype), PromptTokenizer.from_folder(path / "tokenizer"))
+        return cls(load(path / "text_encoder", dtype=dtype, mesh=mesh), PromptTokenizer.from_folder(path / "tokenizer"))
 
     def tokenize(self, prompts: str | Sequence[str]):
         """Cleaned and tokenised prompts: (input_ids, attention_mask), int32 [B, 512]."""
@@ -62,7 +64,8 @@ class TextEncoder:
 
     def encode(self, prompts: str | Sequence[str]) -> jax.Array:
         input_ids, attention_mask = self.tokenize(prompts)
-        return self._embed(self._state, input_ids, attention_mask)
+        with parallel.use_mesh(self.mesh):
+            return self._embed(self._state, input_ids, attention_mask)
 
     def encode_negative(self, negative_prompt: str | None, batch_size: int = 1) -> jax.Array:
         """The negative prompt's embedding repeated to `batch_size`; None means "" (EOS only, L = 1)."""
