@@ -77,37 +77,13 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
     are an error, so a wrong checkpoint is never half loaded. Leaves whose logical axes start with
     `layers` are stacked: a key fills one layer of them.
     """
-    class_name = type(abstract).__name__
     graphdef, state = nnx.split(abstract)
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-    buffers = {name: np.empty(var.shape, var.dtype) for name, var in flat.items()}
-    filled: dict[str, set] = {name: set() for name in flat}
-    where = getattr(tensors, "file_of", lambda key: "checkpoint")
-    for key in tensors.keys():
-        target = key_map.locate(key)
-        if target is IGNORED_KEY:
-            continue
-        if target is None or target.path not in buffers:
-            raise CheckpointError(f"{where(key)}: tensor {key} has no place in {class_name}")
-        array = key_map.to_our_layout(np.asarray(tensors.read(key)), target.transform)
-        buffer = buffers[target.path]
-        slot = buffer if target.layer is None else buffer[target.layer] if target.layer < num_layers else None
-        if slot is None:
-            raise CheckpointError(f"{where(key)}: tensor {key} is beyond num_layers={num_layers}")
-        if array.shape != slot.shape:
-            raise CheckpointError(
-                f"{where(key)}: tensor {key} has shape {array.shape} in our layout, expected {slot.shape}"
-            )
-        layer = target.layer if target.layer is not None else -1
-        if layer in filled[target.path]:
-            raise CheckpointError(f"{where(key)}: tensor {key} given twice (directly and as a legacy alias?)")
-        filled[target.path].add(layer)
-        slot[...] = array.astype(buffer.dtype)
-    missing = [name for name, var in flat.items() if len(filled[name]) != (num_layers if components.is_stacked(var) else 1)]
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers)
     for name, var in flat.items():
-        var.set_value(jnp.asarray(buffers.pop(name)))
+        whole = (slice(None),) * len(var.shape)
+        value = _read_slice(tensors, key_map, sources[name], components.is_stacked(var), var.dtype, whole)
+        var.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, state)
 
 
