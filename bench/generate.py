@@ -169,7 +169,7 @@ def torch_worker(args, text_dim: int):
 
 def chunk_flops(pipe, args, chunk_index: int) -> float:
     """Transformer FLOPs of one chunk (spec §10 model): per stage, steps x forward FLOPs (x2 with CFG)."""
-    from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
+    from helios_jax.sampling.chunk_plan import plan_chunk
 
     kwargs = sampling_kwargs(args)
     settings, _, _ = pipe._settings(None, kwargs.get("num_inference_steps"), kwargs["guidance_scale"],

@@ -31,7 +31,6 @@ from helios_jax.sampling.guidance import guidance_kind
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise_count
 from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
-from helios_jax.sampling.schedule_tables import SchedulerConfig
 from helios_jax.sampling.schedulers import HeliosScheduler
 
 HISTORY_SIZES = (16, 2, 1)
@@ -194,13 +193,14 @@ class HeliosPipeline:
             conditioning_latents.extend(seeded)
 
         guidance = jnp.asarray(guidance_scale, jnp.float32)
+        # The schedules depend only on whether a chunk is the first: worked out once per video.
+        plans = {first: plan_chunk(self.scheduler.config, self.scheduler.constants, settings,
+                                   latent_height=h, latent_width=w, is_first_chunk=first,
+                                   patch_size=tuple(self.transformer.config.patch_size))
+                 for first in (True, False)}
         for k in range(num_chunks):
             started = time.perf_counter()
-            spec, tables = plan_chunk(
-                self.scheduler.config, self.scheduler.constants, settings,
-                latent_height=h, latent_width=w, is_first_chunk=k == 0,
-                patch_size=tuple(self.transformer.config.patch_size),
-            )
+            spec, tables = plans[k == 0]
             chunk_noise = source.normal((batch, channels, settings.frames, h, w))
             block_noise = tuple(
                 source.normal((block_noise_count((batch, channels, settings.frames, s.height, s.width)), 4))
