@@ -28,7 +28,7 @@ from checkpoints_convert import components as comp
 from checkpoints_convert.inflight import BufferPool, Hasher, HashingFile, as_array
 from checkpoints_convert.key_rules import IGNORED_KEY
 from checkpoints_convert.layout_copy import cast_to_layout, our_shape
-from checkpoints_convert.param_store import ParamReader, ParamWriter, numpy_dtype
+from checkpoints_convert.param_store import DIRECT_ALIGN, ParamReader, ParamWriter, numpy_dtype
 from checkpoints_convert.safetensors_folder import CheckpointError
 from checkpoints_convert.safetensors_stream import StreamingFolder
 
@@ -193,10 +193,10 @@ def write_component(plan: ComponentPlan, dst: Path, progress: _Progress, dtype_o
                         info, leaf = plan.reader.info(key), where[key][0]
                         converted_bytes = info.nbytes // info.dtype.itemsize * leaf.dtype.itemsize
                         file.hash_up_to(info.offset)  # (takes buffers itself: not while holding this tensor's)
-                        source_buffer, out_buffer = pool.take(info.nbytes, converted_bytes)
-                        source = as_array(source_buffer, info.shape, info.dtype)
+                        source_buffer, out_buffer = pool.take(info.nbytes + 2 * DIRECT_ALIGN, converted_bytes)
                         hashed = threading.Event()
-                        file.read_into(memoryview(source_buffer)[:info.nbytes], info.offset, hashed.set)
+                        start = file.read_tensor(source_buffer, info.offset, info.nbytes, hashed.set)
+                        source = as_array(source_buffer[start:], info.shape, info.dtype)
                         workers.submit(convert_one, key, source, source_buffer, out_buffer, hashed)
                         del source, source_buffer, out_buffer  # the worker's now: a dropped buffer can be freed
                     file.finish()

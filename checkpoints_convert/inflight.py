@@ -20,6 +20,9 @@ from checkpoints_convert.param_store import DIRECT_ALIGN
 from checkpoints_convert.safetensors_folder import CheckpointError
 
 _GAP_CHUNK = 16 << 20  # bytes the converter skips (headers, ignored tensors) are hashed in these
+# How far ahead of the reader the kernel is asked to fetch the file (posix_fadvise WILLNEED): a
+# cold read then overlaps the disk with the copy out of the page cache instead of alternating.
+_READ_AHEAD = 256 << 20
 
 
 class BufferPool:
@@ -130,17 +133,43 @@ class HashingFile:
     def __init__(self, path: Path, hasher: Hasher, pool: BufferPool):
         self.path, self.hasher, self.pool = path, hasher, pool
         self.fd = os.open(path, os.O_RDONLY)
+        self.direct_fd = _open_direct(path)
         self.size = os.fstat(self.fd).st_size
         self.position = 0  # bytes hashed so far
+        self.fetched_to = 0  # bytes the kernel was asked to read ahead
         hasher.start_file(path)
 
     def _read(self, view: memoryview, offset: int) -> None:
+        self._fetch_ahead(offset + len(view) + _READ_AHEAD)
         done = 0
         while done < len(view):
             count = os.preadv(self.fd, [view[done:]], offset + done)
             if not count:
                 raise CheckpointError(f"{self.path}: truncated at byte {offset + done}")
             done += count
+
+    def _read_direct(self, view: memoryview, offset: int, needed: int) -> bool:
+        """Read the page-aligned span `view` at `offset` with O_DIRECT (the disk straight into our
+        buffer: no page-cache fill and copy, the reader's main CPU cost on a cold file); at least
+        `needed` bytes must exist. False where the file system refuses, for plain reads."""
+        done = 0
+        try:
+            while done < needed:
+                count = os.preadv(self.direct_fd, [view[done:]], offset + done)
+                if not count or (count % DIRECT_ALIGN and done + count < needed):
+                    raise CheckpointError(f"{self.path}: truncated at byte {offset + done + count}")
+                done += count
+        except OSError:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+            return False
+        return True
+
+    def _fetch_ahead(self, end: int) -> None:
+        end = min(end, self.size)
+        if end > self.fetched_to and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, self.fetched_to, end - self.fetched_to, os.POSIX_FADV_WILLNEED)
+            self.fetched_to = end
 
     def hash_up_to(self, end: int) -> None:
         """Read and hash the bytes before `end` not hashed yet; call it before taking a tensor's
@@ -153,11 +182,28 @@ class HashingFile:
             self.hasher.feed(view, lambda chunk=chunk: self.pool.give(chunk))
             self.position += size
 
+    def read_tensor(self, buffer: np.ndarray, offset: int, nbytes: int, done) -> int:
+        """Read `nbytes` at `offset` into `buffer` (a pool buffer of at least `nbytes + 2 *
+        DIRECT_ALIGN` bytes), hash them if not hashed yet, call `done()` once the hasher no longer
+        needs the buffer, and return where in `buffer` the bytes start (a direct read starts at the
+        page boundary before `offset`)."""
+        self.hash_up_to(offset)
+        lead = offset % DIRECT_ALIGN
+        span = -(-(lead + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+        if self.direct_fd is not None and self._read_direct(memoryview(buffer)[:span], offset - lead, lead + nbytes):
+            self._hash_read(memoryview(buffer)[lead:lead + nbytes], offset, done)
+            return lead
+        self.read_into(memoryview(buffer)[:nbytes], offset, done)
+        return 0
+
     def read_into(self, view: memoryview, offset: int, done) -> None:
         """Read `len(view)` bytes at `offset` into `view`, hash them if not hashed yet, and call
         `done()` once the hasher no longer needs the buffer."""
         self.hash_up_to(offset)
         self._read(view, offset)
+        self._hash_read(view, offset, done)
+
+    def _hash_read(self, view: memoryview, offset: int, done) -> None:
         end = offset + len(view)
         if end > self.position:  # (bytes shared with an earlier tensor were hashed with it)
             self.hasher.feed(view[self.position - offset:], done)
@@ -172,3 +218,15 @@ class HashingFile:
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor reading `path` with O_DIRECT, or None where that is not available."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None

@@ -1,6 +1,7 @@
 """`helios-jax convert` / `export`: round trips through diffusers and transformers for all three
 components, dtypes, whole model folders, verification, mesh restore, atomicity and bad input."""
 import hashlib
+import threading
 import json
 import os
 import shutil
@@ -419,3 +420,30 @@ def test_hashing_file_hashes_every_byte_once_in_order(tmp_path, monkeypatch):
     file.close()
     assert hasher.finish() == {path: hashlib.sha256(data).hexdigest()}
     assert pool.in_use == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_tensor_direct_and_plain_give_the_bytes_and_the_whole_hash(tmp_path, monkeypatch, direct):
+    """Unaligned tensors (and one ending at the file's end) read with O_DIRECT from the page
+    boundary before them, or with plain reads where O_DIRECT is unavailable."""
+    import checkpoints_convert.inflight as inflight
+    from checkpoints_convert.param_store import DIRECT_ALIGN
+
+    if not direct:
+        monkeypatch.setattr(inflight, "_open_direct", lambda path: None)
+    data = np.random.default_rng(1).integers(0, 256, 3 * DIRECT_ALIGN + 123, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    hasher, pool = Hasher(), BufferPool(1 << 20)
+    file = HashingFile(path, hasher, pool)
+    assert (file.direct_fd is not None) == (direct and inflight._open_direct(path) is not None)
+    for offset, size in [(5, 100), (DIRECT_ALIGN + 7, DIRECT_ALIGN), (len(data) - 50, 50)]:
+        (buffer,) = pool.take(size + 2 * DIRECT_ALIGN)
+        hashed = threading.Event()
+        start = file.read_tensor(buffer, offset, size, hashed.set)
+        assert buffer[start:start + size].tobytes() == data[offset:offset + size]
+        hashed.wait()  # (the hasher may still be reading the buffer)
+        pool.give(buffer)
+    file.finish()
+    file.close()
+    assert hasher.finish() == {path: hashlib.sha256(data).hexdigest()}
