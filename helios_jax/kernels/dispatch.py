@@ -28,7 +28,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
         if q.dtype.name not in ("bfloat16", "float16"):
             raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 q/k/v, got {q.dtype}")
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    raise NotImplementedError(f"attention impl {impl!r} is not available yet (Pallas kernels are pending)")
+    if impl == "pallas_tpu":
+        from helios_jax.kernels import flash_tpu  # imported on use: Mosaic TPU lowering is only needed here
+
+        return flash_tpu.flash_attention(q, k, v, interpret=interpret)
+    from helios_jax.kernels import flash_gpu  # impl == "pallas_gpu"
+
+    return flash_gpu.flash_attention(q, k, v, interpret=interpret)
 
 
 def _auto_impl(q: jax.Array) -> str:
