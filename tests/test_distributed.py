@@ -1,5 +1,7 @@
 """Multi-host: two `jax.distributed` processes on loopback, 4 CPU devices each, run the tiny
-transformer sharded over all 8 devices (data=2 x fsdp=4) and must give what one device gives.
+transformer sharded over all 8 devices (data=2 x fsdp=4) and must give what one device gives,
+both with parameters placed from a host copy and restored by each host from a converted (Orbax)
+checkpoint straight into the cross-host sharding.
 
 The same file is the worker: `python tests/test_distributed.py OUT.npy` (with the JAX_* variables
 set) is one host of the run. CPU collectives across processes go through gloo, jax's default
@@ -36,7 +38,7 @@ def tiny_model_and_inputs():
     return model, {k: np.asarray(v) for k, v in inputs.items()}
 
 
-def run_worker(out_path: str) -> None:
+def run_worker(out_path: str, converted: str) -> None:
     from helios_jax import distributed
 
     assert distributed.initialize_if_configured(), "the JAX_* variables should have started a multi-host run"
@@ -76,9 +78,44 @@ def run_worker(out_path: str) -> None:
     out = forward(state, placed)
     assert not out.is_fully_addressable  # a truly global array, half on each host
     gathered = multihost_utils.process_allgather(out, tiled=True)
+
+    # The checkpoint: every host restores only its own devices' shards.
+    import helios_jax
+
+    restored = helios_jax.load(converted, mesh=mesh)
+    restored_graphdef, restored_state = nnx.split(restored)
+    leaves = jax.tree.leaves(nnx.state(restored, nnx.Param))
+    assert all(leaf.sharding.mesh.shape == mesh.shape for leaf in leaves)
+    assert any(not leaf.is_fully_addressable for leaf in leaves), "no restored parameter spans both hosts"
+    for leaf in leaves:  # no device holds more than its shard
+        assert all(shard.data.shape == leaf.sharding.shard_shape(leaf.shape) for shard in leaf.addressable_shards)
+    checkpoint_inputs = {k: global_array(v, placed[k].sharding) for k, v in checkpoint_example(restored.config).items()}
+
+    @jax.jit
+    def restored_forward(state, inputs):
+        return nnx.merge(restored_graphdef, state)(**inputs)
+
+    from_checkpoint = multihost_utils.process_allgather(restored_forward(restored_state, checkpoint_inputs), tiled=True)
     if jax.process_index() == 0:
-        np.save(out_path, np.asarray(gathered), allow_pickle=False)
+        np.savez(out_path, placed=np.asarray(gathered), checkpoint=np.asarray(from_checkpoint))
     distributed.log("worker done")  # printed by process 0 only
+
+
+def checkpoint_example(config) -> dict:
+    from helios_jax.models.example_inputs import example_inputs
+
+    inputs = example_inputs(config, (3, 8, 8), batch=BATCH, text_len=16, real_text_len=8, seed=2)
+    return {k: np.asarray(v) for k, v in inputs.items()}
+
+
+def converted_checkpoint(folder: Path) -> Path:
+    """A random fp32 diffusers transformer (tests/diffusers_reference.py) saved and converted."""
+    from checkpoints_convert.convert import convert
+    from tests import diffusers_reference
+
+    diffusers_reference.build_reference(seed=5).save_pretrained(folder / "diffusers")
+    convert(folder / "diffusers", folder / "converted", dtype="keep", progress=False)  # fp32: a tight comparison
+    return folder / "converted"
 
 
 def _free_port() -> int:
@@ -91,14 +128,15 @@ def test_two_processes_match_one_device(tmp_path):
     import jax
     from flax import nnx
 
-    out_path = tmp_path / "out.npy"
+    out_path = tmp_path / "out.npz"
+    converted = converted_checkpoint(tmp_path)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_FLAGS"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES=str(PROCESSES), XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     # Output to files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
     logs = [tmp_path / f"process{i}.log" for i in range(PROCESSES)]
-    workers = [subprocess.Popen([sys.executable, __file__, str(out_path)], env={**env, "JAX_PROCESS_ID": str(i)},
+    workers = [subprocess.Popen([sys.executable, __file__, str(out_path), str(converted)], env={**env, "JAX_PROCESS_ID": str(i)},
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
     try:
         for worker in workers:
@@ -115,10 +153,17 @@ def test_two_processes_match_one_device(tmp_path):
     model, inputs = tiny_model_and_inputs()
     graphdef, state = nnx.split(model)
     expected = np.asarray(jax.jit(lambda s, i: nnx.merge(graphdef, s)(**i))(state, inputs))
-    got = np.load(out_path)
-    assert got.shape == expected.shape
-    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-    assert error <= 1e-5, f"relative error {error:.2e}"
+    got = np.load(out_path, allow_pickle=False)
+    import helios_jax
+
+    restored = helios_jax.load(converted)
+    restored_graphdef, restored_state = nnx.split(restored)
+    expected_checkpoint = np.asarray(jax.jit(lambda s, i: nnx.merge(restored_graphdef, s)(**i))(
+        restored_state, checkpoint_example(restored.config)))
+    for name, reference in (("placed", expected), ("checkpoint", expected_checkpoint)):
+        assert got[name].shape == reference.shape, name
+        error = np.linalg.norm(got[name] - reference) / np.linalg.norm(reference)
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
 
 
 def test_explicit_settings_from_environment():
@@ -145,4 +190,4 @@ def test_bad_settings_name_the_variable(environ, flag):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    run_worker(sys.argv[1])
+    run_worker(sys.argv[1], sys.argv[2])
