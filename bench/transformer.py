@@ -40,7 +40,8 @@ def parse_args(argv):
     parser.add_argument("--latent-size", default="9,48,80", help="current chunk T,H,W in latents (history at H,W)")
     parser.add_argument("--no-history", action="store_true")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    parser.add_argument("--attention", default="xla", help="comma-separated impls to compare: xla,cudnn,auto")
+    parser.add_argument("--attention", default="xla,auto",
+                        help="comma-separated impls to compare: xla,cudnn,pallas_gpu,pallas_tpu,auto")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--torch-baseline", action="store_true", help="also time diffusers (needs torch + diffusers)")
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)

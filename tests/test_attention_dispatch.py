@@ -43,3 +43,47 @@ def test_unknown_or_unavailable_impl_is_a_clear_error():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
             dot_product_attention(q, k, v, impl="cudnn")
+
+
+def test_autotune_picks_the_fastest_candidate_once_and_skips_failures(monkeypatch):
+    """`auto` times each supported candidate once per shape (eagerly, even while a jit traces)
+    and drops one that fails; without measuring it takes the first supported preference."""
+    import time
+
+    from helios_jax.kernels import autotune
+
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setitem(autotune.PREFERENCE, "fake", ("broken", "slow", "fast", "unsupported"))
+    calls = []
+
+    def run(impl, qkv):
+        calls.append(impl)
+        if impl == "broken":
+            raise RuntimeError("does not compile here")
+        if impl == "slow":
+            time.sleep(0.01)
+        return qkv[0] * 2
+
+    supported = lambda impl: impl != "unsupported"  # noqa: E731
+    choose = lambda shape: autotune.choose(shape, shape, jnp.float32, supported=supported, run=run,  # noqa: E731
+                                           backend="fake", measure=True)
+    assert jax.jit(lambda x: x + len(choose(x.shape)))(jnp.zeros((1, 4, 2, 8))).shape == (1, 4, 2, 8)
+    assert autotune.chosen() == {("fake", (1, 4, 2, 8), (1, 4, 2, 8), "float32"): "fast"}
+    assert set(calls) == {"broken", "slow", "fast"}
+    calls.clear()
+    assert choose((1, 4, 2, 8)) == "fast" and not calls  # remembered: no second measurement
+    assert autotune.choose((1, 4, 2, 8), (1, 4, 2, 8), jnp.float32, supported=supported, run=run,
+                           backend="fake", measure=False) == "broken"
+    monkeypatch.setenv("HELIOS_ATTENTION_AUTOTUNE", "0")
+    assert not autotune.autotune_enabled()
+
+
+def test_auto_on_cpu_is_xla_and_supports_reports_the_native_backends():
+    from helios_jax.kernels import dispatch
+
+    q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
+    assert dispatch.supports("cudnn", q, backend="gpu") and not dispatch.supports("cudnn", q.astype(jnp.float32), backend="gpu")
+    assert dispatch.supports("pallas_tpu", q, backend="tpu") and not dispatch.supports("pallas_tpu", q, backend="gpu")
+    assert dispatch.supports("pallas_gpu", q, backend="gpu") and not dispatch.supports("pallas_gpu", q, backend="cpu")
+    if jax.default_backend() == "cpu":
+        assert dispatch._auto_impl(q, q) == "xla"

@@ -32,7 +32,7 @@ DIFFUSERS_FIELDS = dict(
 # Execution choices that config.json does not carry.
 EXECUTION_FIELDS = dict(
     dtype="bfloat16",  # parameter and activation dtype; fp32 islands follow the reference
-    attention_impl="xla",  # see helios_jax.kernels.dot_product_attention
+    attention_impl="auto",  # the fastest measured kernel per backend (xla on CPU): helios_jax.kernels
     remat_policy="none",  # none | full | dots | dots_with_no_batch_dims | offload_dots
 )
 
