@@ -57,6 +57,7 @@ class Report:
     model_flops: float
     compile_seconds: float
     hbm_gib: float | None
+    attention: str = "xla"
 
     @property
     def peak_bytes(self) -> float:
@@ -144,13 +145,19 @@ def build_mesh(devices: list, sizes: dict) -> Mesh:
 # Abstract parameters and inputs
 
 
-def model_config(name: str, task: str):
+ATTENTION = ("xla", "pallas_tpu")
+
+
+def model_config(name: str, task: str, attention: str = "xla"):
     from helios_jax.models import transformer_config
 
     if name not in MODELS:
         raise AotError(f"--model must be one of {', '.join(MODELS)}; got {name!r}")
+    if attention not in ATTENTION:
+        raise AotError(f"--attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
     # Training keeps only each block's input across the scan (full remat): memory flat in depth.
-    return transformer_config.preset(name, remat_policy="full" if task == "train" else "none")
+    # The host traces on its CPU backend, where "auto" would mean xla: the kernel is named explicitly.
+    return transformer_config.preset(name, remat_policy="full" if task == "train" else "none", attention_impl=attention)
 
 
 def abstract_state(config, mesh: Mesh):
@@ -271,13 +278,13 @@ STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step}
 
 
 def compile_report(topology: str, *, model: str = "helios_14b", task: str = "forward", mesh_text: str | None = None,
-                   batch: int | None = None, progress=lambda message: None) -> Report:
+                   batch: int | None = None, attention: str = "xla", progress=lambda message: None) -> Report:
     if task not in TASKS:
         raise AotError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
     sizes = parse_mesh(mesh_text)  # a typo in --mesh is reported before libtpu is loaded
     devices = topology_devices(topology)
     mesh = build_mesh(devices, sizes)
-    config = model_config(model, task)
+    config = model_config(model, task, attention)
     if batch is None:
         # Training fills every data-parallel rank with one sample; sampling makes one video.
         batch = mesh.shape["data"] * mesh.shape["fsdp"] if task == "train" else 1
@@ -288,7 +295,7 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
     per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
     function, args, model_flops = STEPS[task](graphdef, state, config, mesh, batch)
     progress(f"compiling {task} of {model} for {topology} ({len(devices)} x {devices[0].device_kind}), "
-             f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}")
+             f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}, attention {attention}")
     start = time.perf_counter()
     try:
         compiled = function.lower(*args).compile()
@@ -310,7 +317,7 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         code_bytes=memory.generated_code_size_in_bytes, flops_per_device=float(cost.get("flops", float("nan"))),
         model_flops=model_flops,
-        compile_seconds=seconds, hbm_gib=hbm_gib(topology),
+        compile_seconds=seconds, hbm_gib=hbm_gib(topology), attention=attention,
     )
 
 
@@ -330,7 +337,8 @@ def format_report(report: Report) -> list[str]:
     return [
         f"topology:     {report.topology} ({report.devices} x {report.device_kind})",
         f"mesh:         {describe_mesh(report.mesh)}",
-        f"task:         {report.task} of {report.model} at 384x640 (latent {'x'.join(map(str, LATENT_SIZE))})",
+        f"task:         {report.task} of {report.model} at 384x640 (latent {'x'.join(map(str, LATENT_SIZE))}), "
+        f"attention {report.attention}",
         f"parameters:   {report.parameters:,} ({report.parameter_bytes_per_device / GIB:.3f} GiB per device)",
         "memory per device:",
         f"  arguments   {gib(report.argument_bytes)}",

@@ -22,6 +22,8 @@ def add_command(commands) -> None:
                      help="mesh over data,fsdp,tensor,seq (one size may be -1); default fsdp over all devices")
     aot.add_argument("--batch", type=int, default=None,
                      help="global batch (default: 1 video for forward/rollout, one sample per data-parallel rank for train)")
+    aot.add_argument("--attention", default="xla", choices=("xla", "pallas_tpu"),
+                     help="self/cross-attention implementation compiled into the program")
     aot.set_defaults(run=run)
 
 
@@ -37,6 +39,6 @@ def run(args, overrides) -> None:
     # The host runs nothing itself: keep its own backend on the CPU even where libtpu is installed.
     jax.config.update("jax_platforms", "cpu")
     report = compile_report(args.topology, model=args.model, task=args.task, mesh_text=args.mesh,
-                            batch=args.batch, progress=log)
+                            batch=args.batch, attention=args.attention, progress=log)
     for line in format_report(report):
         log(line)
