@@ -49,6 +49,7 @@ MIN_BLOCK = 16  # the smallest tile Triton's tensor-core dot takes
 class KernelConfig:
     """Static tiling of one attention call (hashable: it is a non-differentiable custom_vjp argument)."""
 
+    kv_len: int  # keys past it (padding of very short sequences) are masked
     block_q: int
     block_k: int
     block_q_bwd: int
@@ -73,19 +74,24 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
         if value is not None and (value < MIN_BLOCK or value & (value - 1)):
             raise ValueError(f"flash_attention {name} must be a power of two >= {MIN_BLOCK}, got {value}")
     q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
-    block_q = _fit_block(block_q or FORWARD_BLOCKS[0], q_len)
-    block_k = _fit_block(block_k or FORWARD_BLOCKS[1], kv_len)
+    # Sequences shorter than the smallest tile are zero-padded to it (keys past kv_len are masked
+    # in the kernels, extra query rows dropped): only tiny test or text shapes take this path.
+    q, k, v = (_pad_rows(t, MIN_BLOCK) for t in (q, k, v))
+    block_q = _fit_block(block_q or FORWARD_BLOCKS[0], q.shape[1])
+    block_k = _fit_block(block_k or FORWARD_BLOCKS[1], k.shape[1])
     config = KernelConfig(
+        kv_len=kv_len,
         block_q=block_q,
         block_k=block_k,
-        block_q_bwd=_fit_block(min(block_q, BACKWARD_BLOCKS[0]), q_len),
-        block_k_bwd=_fit_block(min(block_k, BACKWARD_BLOCKS[1]), kv_len),
+        block_q_bwd=_fit_block(min(block_q, BACKWARD_BLOCKS[0]), q.shape[1]),
+        block_k_bwd=_fit_block(min(block_k, BACKWARD_BLOCKS[1]), k.shape[1]),
         num_warps=num_warps or (8 if head_dim >= 128 else 4),
         num_stages=num_stages or FORWARD_STAGES,
         num_stages_bwd=num_stages or BACKWARD_STAGES,
         interpret=interpret,
     )
-    return _flash(q, k, v, config)
+    out = _flash(q, k, v, config)
+    return out if out.shape[1] == q_len else out[:, :q_len]
 
 
 def _check_inputs(q, k, v):
@@ -106,8 +112,15 @@ def _check_inputs(q, k, v):
 
 
 def _fit_block(block: int, length: int) -> int:
-    """No tile longer than the (power-of-two rounded) sequence: short sequences waste no work."""
-    return max(MIN_BLOCK, min(block, pl.next_power_of_2(length)))
+    """No tile longer than the sequence (length >= MIN_BLOCK): short sequences waste no work and
+    a tile sliced out of a whole-sequence ref always fits inside it."""
+    return min(block, 1 << (length.bit_length() - 1))
+
+
+def _pad_rows(t: jax.Array, rows: int) -> jax.Array:
+    if t.shape[1] >= rows:
+        return t
+    return jnp.pad(t, [(0, 0), (0, rows - t.shape[1]), (0, 0), (0, 0)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +158,12 @@ def _compiler_params(config: KernelConfig, stages: int):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages)
 
 
+def _like(source: jax.Array, shape, dtype):
+    """An output shape that varies over the same shard_map axes as `source` (needed under
+    shard_map's check_vma, harmless outside it)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(source).mat)
+
+
 def _row_block_spec(block: int, head_dim: int):
     """A [block, D] tile of a [B, L, H, D] tensor, tile index from grid axis 0."""
     return pl.BlockSpec((None, block, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -157,7 +176,6 @@ def _whole_sequence_spec(length: int, head_dim: int):
 
 def _load_rows(ref, start, size: int, length: int | None):
     """Rows [start, start + size) of `ref`; with `length`, rows past it read as zeros."""
-    start = pl.multiple_of(start, size)  # tiles start on multiples of their size: aligned loads
     rows = pl.ds(start, size)
     if length is None:
         return ref[rows] if ref.ndim == 1 else ref[rows, :]
@@ -171,7 +189,8 @@ def _blocked_loop(length: int, block: int, body, carry):
     """body(start, carry, tail_length) over the blocks of `length`: full blocks in a loop with no
     masking, then the one partial block, if any, with tail_length=length so it masks."""
     full_blocks = length // block
-    carry = lax.fori_loop(0, full_blocks, lambda i, c: body(i * block, c, None), carry)
+    # multiple_of: tiles start on multiples of their size, so Triton can vectorise the loads.
+    carry = lax.fori_loop(0, full_blocks, lambda i, c: body(pl.multiple_of(i * block, block), c, None), carry)
     if length % block:
         # A traced start: a static one past the end of the ref is refused when indexing.
         carry = body(jnp.int32(full_blocks * block), carry, length)
@@ -187,15 +206,14 @@ def _forward(q, k, v, config: KernelConfig):
     kv_len = k.shape[1]
     grid = (pl.cdiv(q_len, config.block_q), batch, heads)
     kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), block_k=config.block_k,
-                               kv_len=kv_len)
+                               kv_len=config.kv_len)
     out, lse = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[_row_block_spec(config.block_q, head_dim), _whole_sequence_spec(kv_len, head_dim), _whole_sequence_spec(kv_len, head_dim)],
         out_specs=[_row_block_spec(config.block_q, head_dim),
                    pl.BlockSpec((None, None, config.block_q), lambda i, b, h: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+        out_shape=[_like(q, q.shape, q.dtype), _like(q, (batch, heads, q_len), jnp.float32)],
         compiler_params=_compiler_params(config, config.num_stages),
         interpret=config.interpret,
         name="helios_flash_forward",
@@ -249,7 +267,7 @@ def _backward_dkdv(q, k, v, d_out, lse, delta, config: KernelConfig):
         in_specs=[_whole_sequence_spec(q_len, head_dim), _row_block_spec(block_k, head_dim), _row_block_spec(block_k, head_dim),
                   _whole_sequence_spec(q_len, head_dim), per_row, per_row],
         out_specs=[_row_block_spec(block_k, head_dim), _row_block_spec(block_k, head_dim)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_like(k, k.shape, k.dtype), _like(v, v.shape, v.dtype)],
         compiler_params=_compiler_params(config, config.num_stages_bwd),
         interpret=config.interpret,
         name="helios_flash_backward_dkdv",
@@ -292,14 +310,14 @@ def _backward_dq(q, k, v, d_out, lse, delta, config: KernelConfig):
     grid = (pl.cdiv(q_len, block_q), batch, heads)
     per_row = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
     kernel = functools.partial(_dq_kernel, scale=1.0 / math.sqrt(head_dim), block_k=config.block_k_bwd,
-                               kv_len=kv_len)
+                               kv_len=config.kv_len)
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[_row_block_spec(block_q, head_dim), _whole_sequence_spec(kv_len, head_dim), _whole_sequence_spec(kv_len, head_dim),
                   _row_block_spec(block_q, head_dim), per_row, per_row],
         out_specs=_row_block_spec(block_q, head_dim),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_like(q, q.shape, q.dtype),
         compiler_params=_compiler_params(config, config.num_stages_bwd),
         interpret=config.interpret,
         name="helios_flash_backward_dq",
