@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec, use_abstract_mesh
 
 from helios_jax.kernels import dot_product_attention
 from helios_jax.kernels.flash_gpu import flash_attention
@@ -69,8 +70,9 @@ def test_dispatch_routes_pallas_gpu_to_the_kernel_and_short_keys_are_padded():
     # 9 keys: shorter than the smallest tile, zero-padded to it and masked in the kernels.
     q, k, v = _qkv(45, 9, jnp.float32, batch=1, head_dim=32)
     attention = lambda q, k, v: dot_product_attention(q, k, v, impl="pallas_gpu", interpret=True)
-    assert "helios_flash_forward" in jax.jit(attention).lower(q, k, v).as_text(debug_info=True)  # no fallback
-    ours, reference = _value_and_grads(attention)(q, k, v), _value_and_grads(_xla)(q, k, v)
+    lowered = _value_and_grads(attention).lower(q, k, v)
+    assert "helios_flash_forward" in lowered.as_text(debug_info=True)  # the kernel, not a fallback
+    ours, reference = lowered.compile()(q, k, v), _value_and_grads(_xla)(q, k, v)
     errors = [_relative_error(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference))]
     assert max(errors) <= 2e-5, errors
 
@@ -112,9 +114,9 @@ def value_and_grads(attention):
 parallel = lambda q, k, v: sequence_parallel_attention(q, k, v, mesh=mesh, strategy="ulysses", impl="pallas_gpu",
                                                        interpret=True)
 plain = lambda q, k, v: dot_product_attention(q, k, v, impl="xla")
-ours, theirs = value_and_grads(parallel)(q, k, v), value_and_grads(plain)(q, k, v)
-hlo = value_and_grads(parallel).lower(q, k, v).as_text()
-assert "all-to-all" in hlo or "all_to_all" in hlo, "Ulysses path not taken"
+lowered = value_and_grads(parallel).lower(q, k, v)
+assert "all_to_all" in lowered.as_text(), "Ulysses path not taken"
+ours, theirs = lowered.compile()(q, k, v), value_and_grads(plain)(q, k, v)
 errors = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs))]
 print("errors", errors)
 assert max(errors) <= 2e-5, errors
@@ -127,3 +129,35 @@ def test_inside_shard_map_matches_unsharded_values_and_gradients():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "shard_map ok" in result.stdout
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_kernels_lower_to_triton_for_an_h100_at_helios_shapes():
+    """No GPU here: lower (not compile) for an abstract H100. This runs the Pallas Triton lowering of
+    all three kernels (power-of-two tiles, masks, dots) at the real shapes and default tiles, also
+    inside a shard_map that keeps the vma check on."""
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((4,), ("seq",), (AxisType.Auto,), abstract_device=h100)
+
+    def lower(loss, *shapes):
+        with use_abstract_mesh(mesh):
+            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        # one custom call per kernel: forward, dk/dv, dq
+        assert text.count("__gpu$xla.gpu.triton") == 3, text.count("__gpu$xla.gpu.triton")
+
+    total = lambda attention: lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32))
+    self_shape = jax.ShapeDtypeStruct((1, 2940, 40, 128), jnp.bfloat16)
+    lower(total(flash_attention), self_shape, self_shape, self_shape)
+    cross_q, cross_kv = (jax.ShapeDtypeStruct((2, n, 40, 128), jnp.float32) for n in (8640, 512))
+    lower(total(flash_attention), cross_q, cross_kv, cross_kv)
+
+    spec = PartitionSpec(None, "seq", None, None)
+
+    def ulysses(q, k, v):  # the shape of sequence_parallel's Ulysses step, vma check on
+        gather = lambda t: jax.lax.all_to_all(t, "seq", split_axis=2, concat_axis=1, tiled=True)
+        out = flash_attention(gather(q), gather(k), gather(v))
+        return jax.lax.all_to_all(out, "seq", split_axis=1, concat_axis=2, tiled=True)
+
+    sharded = lambda q, k, v: jax.shard_map(ulysses, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+    long_shape = jax.ShapeDtypeStruct((1, 4560, 40, 128), jnp.bfloat16)
+    lower(total(sharded), long_shape, long_shape, long_shape)
