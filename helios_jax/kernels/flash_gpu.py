@@ -106,7 +106,8 @@ def _check_inputs(q, k, v):
         raise ValueError(f"flash_attention q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     head_dim = q.shape[3]
     if head_dim < MIN_BLOCK or head_dim & (head_dim - 1):
-        raise ValueError(f"flash_attention head dim (q.shape[3]) must be a power of two >= {MIN_BLOCK}, got {head_dim}")
+        raise ValueError(f"flash_attention head dim (q.shape[3]) must be a power of two >= {MIN_BLOCK}, "
+                         f"got {head_dim}")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"flash_attention needs non-empty sequences, got q {q.shape} and k {k.shape}")
 
@@ -205,14 +206,14 @@ def _forward(q, k, v, config: KernelConfig):
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     grid = (pl.cdiv(q_len, config.block_q), batch, heads)
+    q_tile, keys = _row_block_spec(config.block_q, head_dim), _whole_sequence_spec(kv_len, head_dim)
     kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), block_k=config.block_k,
                                kv_len=config.kv_len)
     out, lse = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[_row_block_spec(config.block_q, head_dim), _whole_sequence_spec(kv_len, head_dim), _whole_sequence_spec(kv_len, head_dim)],
-        out_specs=[_row_block_spec(config.block_q, head_dim),
-                   pl.BlockSpec((None, None, config.block_q), lambda i, b, h: (b, h, i))],
+        in_specs=[q_tile, keys, keys],
+        out_specs=[q_tile, pl.BlockSpec((None, None, config.block_q), lambda i, b, h: (b, h, i))],
         out_shape=[_like(q, q.shape, q.dtype), _like(q, (batch, heads, q_len), jnp.float32)],
         compiler_params=_compiler_params(config, config.num_stages),
         interpret=config.interpret,
@@ -259,14 +260,14 @@ def _backward_dkdv(q, k, v, d_out, lse, delta, config: KernelConfig):
     block_k = config.block_k_bwd
     grid = (pl.cdiv(kv_len, block_k), batch, heads)
     per_row = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
+    queries, k_tile = _whole_sequence_spec(q_len, head_dim), _row_block_spec(block_k, head_dim)
     kernel = functools.partial(_dkdv_kernel, scale=1.0 / math.sqrt(head_dim), block_q=config.block_q_bwd,
                                q_len=q_len)
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[_whole_sequence_spec(q_len, head_dim), _row_block_spec(block_k, head_dim), _row_block_spec(block_k, head_dim),
-                  _whole_sequence_spec(q_len, head_dim), per_row, per_row],
-        out_specs=[_row_block_spec(block_k, head_dim), _row_block_spec(block_k, head_dim)],
+        in_specs=[queries, k_tile, k_tile, queries, per_row, per_row],
+        out_specs=[k_tile, k_tile],
         out_shape=[_like(k, k.shape, k.dtype), _like(v, v.shape, v.dtype)],
         compiler_params=_compiler_params(config, config.num_stages_bwd),
         interpret=config.interpret,
@@ -309,14 +310,14 @@ def _backward_dq(q, k, v, d_out, lse, delta, config: KernelConfig):
     block_q = config.block_q_bwd
     grid = (pl.cdiv(q_len, block_q), batch, heads)
     per_row = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+    q_tile, keys = _row_block_spec(block_q, head_dim), _whole_sequence_spec(kv_len, head_dim)
     kernel = functools.partial(_dq_kernel, scale=1.0 / math.sqrt(head_dim), block_k=config.block_k_bwd,
                                kv_len=config.kv_len)
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[_row_block_spec(block_q, head_dim), _whole_sequence_spec(kv_len, head_dim), _whole_sequence_spec(kv_len, head_dim),
-                  _row_block_spec(block_q, head_dim), per_row, per_row],
-        out_specs=_row_block_spec(block_q, head_dim),
+        in_specs=[q_tile, keys, keys, q_tile, per_row, per_row],
+        out_specs=q_tile,
         out_shape=_like(q, q.shape, q.dtype),
         compiler_params=_compiler_params(config, config.num_stages_bwd),
         interpret=config.interpret,
