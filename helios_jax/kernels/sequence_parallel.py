@@ -75,7 +75,10 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis: str = "seq", impl: str =
         local = lambda q, k, v: _ulysses_local(q, k, v, axis=axis, length=length, impl=impl, interpret=interpret)
     else:
         local = lambda q, k, v: _ring_local(q, k, v, axis=axis, n=n, length=length)
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+    # The Pallas interpreter's grid loop drops the varying-axis types of its carries (jax 0.12), so
+    # interpreted kernels need the vma check off; compiled kernels (Triton, Mosaic) keep it on.
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                        check_vma=not interpret)(q, k, v)
     return out[:, :length] if padded != length else out
 
 
