@@ -11,6 +11,7 @@ The dataset folder is the TFDS version folder itself (dataset_info.json, feature
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -74,6 +75,7 @@ def write_dataset(out: str | Path, examples: Iterable[dict]) -> Path:
     return out
 
 
+@functools.cache  # TFDS registers builder classes by name: define it once per process
 def _builder_class(tfds):
     """The builder, defined on first use so that importing this module does not import TFDS."""
 
