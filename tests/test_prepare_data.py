@@ -1,7 +1,6 @@
 """`helios-jax prepare-data` on the real toy videos with tiny random components: what the shards hold
 equals encoding the same frames directly, and bad input is one line, exit 2, nothing at --out."""
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -16,8 +15,6 @@ from helios_jax.data.metadata import read_clips
 from helios_jax.data.storage import LatentDataset
 
 TOY = Path("/work/shared/data/toy_data")
-if not TOY.is_dir():  # CI clones main with shared/ beside it
-    TOY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "toy_data"
 METADATA = TOY / "toy_filter.json"
 HEIGHT, WIDTH, SEED = 32, 48, 3
 
