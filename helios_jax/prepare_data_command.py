@@ -30,6 +30,8 @@ def add_command(commands) -> None:
 
 
 def run(args, overrides) -> None:
+    import warnings
+
     import numpy as np
 
     from helios_jax.data import clips as clips_lib
@@ -40,6 +42,9 @@ def run(args, overrides) -> None:
 
     if overrides:
         raise ValueError(f"{overrides[0]}: prepare-data takes no --config overrides")
+    # Videos are decoded by an ffmpeg child process (fork + exec, safe with JAX's threads); JAX's
+    # warning about os.fork would otherwise be printed once per video.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value <= 0 or value % SPATIAL_MULTIPLE:
             raise ValueError(f"{flag}={value}: must be a positive multiple of {SPATIAL_MULTIPLE}")

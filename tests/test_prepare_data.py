@@ -74,11 +74,13 @@ def test_shards_hold_the_direct_encoding_of_each_clip(dataset_dir):
         assert record["caption"] == clip.caption
 
 
-def _metadata(tmp_path, **changes):
-    records = json.loads(METADATA.read_text())[1:]
-    records[0].update(changes)
+def _metadata(tmp_path, keep_first=False, **changes):
+    """The toy metadata with the 129-frame clip's record changed; with keep_first the valid 81-frame
+    clip comes before it, so the failure happens in the middle of writing."""
+    records = json.loads(METADATA.read_text())[0 if keep_first else 1 :]
+    records[-1].update(changes)
     for key in [k for k, v in changes.items() if v is None]:
-        del records[0][key]
+        del records[-1][key]
     path = tmp_path / "clips.json"
     path.write_text(json.dumps(records))
     return path
@@ -106,7 +108,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
     elif case == "cut_too_short":
         metadata, culprit = _metadata(tmp_path, cut=[0, 30]), "too short for one 33-frame chunk"
     elif case == "video_shorter_than_cut":  # the metadata promises 300 frames, the file has 129
-        metadata, culprit = _metadata(tmp_path, cut=[0, 300]), "239_120_ori129.mp4: has 129 frames"
+        metadata = _metadata(tmp_path, keep_first=True, cut=[0, 300])
+        culprit = "239_120_ori129.mp4: has 129 frames"
         extra = ["--min-frames", "33"]
     elif case == "missing_metadata":
         metadata, culprit = tmp_path / "nothing.json", "nothing.json: no such metadata file"

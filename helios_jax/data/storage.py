@@ -103,6 +103,14 @@ def _builder_class(tfds):
             for example in self._examples:
                 yield example["id"], example
 
+        # TFDS prints "downloading and preparing ... to <staging folder>": not the folder the user
+        # named, and prepare-data reports its own progress, so those two messages are silenced.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
     return HeliosLatents
 
 
