@@ -112,6 +112,8 @@ def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool =
         raise ValueError(f"{dataset.path}: {len(dataset)} clips cannot be split over {shards} hosts")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed}: must be in [0, 2**32)")
+    if worker_count:
+        _use_default_grain_flags()
     sampler = EpochSampler(len(dataset), shard_options, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     loader = grain.DataLoader(
         data_source=dataset,
@@ -121,6 +123,14 @@ def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool =
         shard_options=shard_options,
     )
     return iter(loader)
+
+
+def _use_default_grain_flags() -> None:
+    """grain's worker processes read absl flags, which only an absl app parses: take their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def save_args(iterator):
