@@ -58,8 +58,7 @@ def run(args, overrides) -> None:
     clips = read_clips(args.metadata)
     _check_unique_ids(args.metadata, clips)
     for clip in clips:  # a clip that cannot hold one chunk is bad input, not a filtered-out clip
-        bucket = clips_lib.length_bucket(clip.length)
-        if bucket is None or clips_lib.chunk_count(bucket) < 1:
+        if clips_lib.chunks_in(clip) < 1:
             raise ValueError(f"{args.metadata}: {clip.path} cut {list(clip.cut)} has {clip.length} frames, "
                              f"too short for one {clips_lib.FRAMES_PER_CHUNK}-frame chunk")
     selected = [(index, clip) for index, clip in enumerate(clips) if clip.length >= args.min_frames]

@@ -74,6 +74,22 @@ def test_shards_hold_the_direct_encoding_of_each_clip(dataset_dir):
         assert record["caption"] == clip.caption
 
 
+def test_crop_box_then_center_crop_to_the_target_aspect():
+    # Pixel value = column index; crop box x 20..100 (80 wide, 40 high) -> centered square = columns 40..80.
+    frames = np.broadcast_to(np.arange(120, dtype=np.uint8)[None, None, :, None], (2, 50, 120, 3)).copy()
+    pixels = clips_lib.crop_and_resize(frames, (20, 100, 5, 45), 16, 16)
+    assert pixels.shape == (3, 2, 16, 16) and pixels.dtype == np.float32
+    columns = (pixels[0, 0, 0] + 1) / 2 * 255
+    assert 40 <= columns.min() < 43 and 77 < columns.max() <= 80 and np.all(np.diff(columns) > 0)
+    with pytest.raises(ValueError, match=r"crop \[0, 130, 0, 40\] is outside the 120x50 frames"):
+        clips_lib.crop_and_resize(frames, (0, 130, 0, 40), 16, 16)
+
+
+def test_length_buckets_follow_the_reference():
+    assert [clips_lib.length_bucket(n) for n in (20, 21, 40, 81, 129, 192, 193, 220, 221, 600)] == \
+        [None, 21, 21, 81, 121, 181, 193, 193, 221, 501]
+
+
 def _metadata(tmp_path, keep_first=False, **changes):
     """The toy metadata with the 129-frame clip's record changed; with keep_first the valid 81-frame
     clip comes before it, so the failure happens in the middle of writing."""

@@ -25,8 +25,10 @@ def length_bucket(length: int) -> int | None:
     return fitting[-1] if fitting else None
 
 
-def chunk_count(bucket: int) -> int:
-    return bucket // FRAMES_PER_CHUNK
+def chunks_in(clip: Clip) -> int:
+    """33-frame chunks the clip's length bucket holds (0: the clip is too short to train on)."""
+    bucket = length_bucket(clip.length)
+    return bucket // FRAMES_PER_CHUNK if bucket else 0
 
 
 def window_start(clip: Clip, bucket: int, rng: np.random.Generator) -> int:
@@ -101,14 +103,16 @@ def _center_crop_to_aspect(frames: np.ndarray, aspect: float) -> np.ndarray:
 
 def clip_pixels(clip: Clip, videos: Path, *, height: int, width: int, rng: np.random.Generator):
     """(float32 [N, 3, 33, height, width] chunks in [-1, 1], window start) for one clip."""
-    bucket = length_bucket(clip.length)
-    if bucket is None or chunk_count(bucket) < 1:
-        raise ValueError(f"{clip.path}: cut {list(clip.cut)} has {clip.length} frames, too short for one chunk "
-                         f"({FRAMES_PER_CHUNK} frames; its length bucket is {bucket or 'none'})")
-    chunks = chunk_count(bucket)
-    start = window_start(clip, bucket, rng)
+    chunks = chunks_in(clip)
+    if chunks < 1:
+        raise ValueError(f"{clip.path}: cut {list(clip.cut)} has {clip.length} frames, "
+                         f"too short for one {FRAMES_PER_CHUNK}-frame chunk")
+    start = window_start(clip, length_bucket(clip.length), rng)
     frames = read_frames(videos / clip.path, start, chunks * FRAMES_PER_CHUNK)
-    pixels = crop_and_resize(frames, clip.crop, height, width)
+    try:
+        pixels = crop_and_resize(frames, clip.crop, height, width)
+    except ValueError as error:
+        raise ValueError(f"{videos / clip.path}: {error}") from None
     return pixels.reshape(3, chunks, FRAMES_PER_CHUNK, height, width).swapaxes(0, 1), start
 
 

@@ -24,7 +24,6 @@ import numpy as np
 from helios_jax.data.storage import LatentDataset
 
 HISTORY_FRAMES = 19  # long 16 + mid 2 + short 1
-DATA_ITEM = "data"  # the Orbax item name of the loader state
 
 
 def draw_chunk(seed: int, epoch: int, record_index: int, num_chunks: int) -> int:
