@@ -135,8 +135,6 @@ class LatentDataset:
             self._length = len(self._source)
         except Exception as error:  # TFDS and array_record raise many types; the file is what matters
             raise OSError(f"{self.path}: cannot open the dataset ({_first_line(error)})") from None
-        features = json.loads((self.path / "features.json").read_text())
-        self.features = features
 
     def _check_shards(self) -> None:
         try:
