@@ -19,8 +19,8 @@ METADATA = TOY / "toy_filter.json"
 HEIGHT, WIDTH, SEED = 32, 48, 3
 
 
-def prepare(out, *extra, metadata=METADATA, videos=TOY):
-    return main(["prepare-data", "--metadata", str(metadata), "--videos", str(videos), "--model", "tiny-random",
+def prepare(out, *extra, metadata=METADATA, videos=TOY, model="tiny-random"):
+    return main(["prepare-data", "--metadata", str(metadata), "--videos", str(videos), "--model", str(model),
                  "--out", str(out), "--height", str(HEIGHT), "--width", str(WIDTH), "--seed", str(SEED), *extra])
 
 
@@ -110,10 +110,10 @@ def _videos_with_broken_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_field", "unreadable_video", "missing_video", "cut_too_short",
-                                  "video_shorter_than_cut", "missing_metadata", "bad_height"])
+                                  "video_shorter_than_cut", "missing_metadata", "bad_height", "model_without_vae"])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
     out = tmp_path / "out"
-    metadata, videos, extra, culprit = None, TOY, [], None
+    metadata, videos, extra, culprit, model = None, TOY, [], None, "tiny-random"
     if case == "missing_field":
         metadata, culprit = _metadata(tmp_path, cut=None), "missing field(s) cut"
     elif case == "unreadable_video":
@@ -131,8 +131,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
         metadata, culprit = tmp_path / "nothing.json", "nothing.json: no such metadata file"
     elif case == "bad_height":
         metadata, culprit, extra = METADATA, "--height=40", ["--height", "40"]
+    elif case == "model_without_vae":  # a model folder must hold vae/, text_encoder/ and tokenizer/
+        model = tmp_path / "model"
+        (model / "text_encoder").mkdir(parents=True)
+        metadata, culprit = METADATA, f"{model}: no vae/ folder"
     capsys.readouterr()
-    assert prepare(out, *extra, metadata=metadata, videos=videos) == 2
+    assert prepare(out, *extra, metadata=metadata, videos=videos, model=model) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("helios-jax prepare-data: error:") and culprit in err[0], err
     assert not out.exists()
