@@ -1,1 +1,1 @@
-"""Training: data loading, losses and the train loop (spec training.md)."""
+"""Training: data, LoRA, the stage losses (flow matching, pyramid, ODE regression, DMD/GAN), EMA, the trainer loop."""
