@@ -35,8 +35,12 @@ setup(
         # 640 MB installed): tests/test_aot.py compiles for TPU topologies with it, no TPU needed.
         "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
                  "sentencepiece",  # sentencepiece builds the test tokenizer
-                 "jax[tpu]"],
-        "data": ["tensorflow-datasets"],
+                 "jax[tpu]",
+                 "tensorflow-datasets", "array_record", "importlib_resources"],  # the data tests write shards
+        # prepare-data writes and the training loader reads ArrayRecord shards through TFDS; no
+        # TensorFlow needed. importlib_resources: TFDS 4.9.10 imports it when it builds a dataset but
+        # declares it for Python < 3.9 only.
+        "data": ["tensorflow-datasets", "array_record", "importlib_resources"],
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},
 )

@@ -1,0 +1,186 @@
+"""The stored latent dataset: a TFDS dataset (ArrayRecord shards, no pickle, no TensorFlow needed).
+
+One record per clip:
+  vae_latent   float32 [N, z, 9, h, w]  N independently encoded 33-frame chunks, normalized latents
+  prompt_embed float32 [512, text_dim]  UMT5 last hidden state, exact zeros after the true length
+  caption      str
+  id           str                      "{video stem}_{cut0}-{cut1}"
+
+The dataset folder is the TFDS version folder itself (dataset_info.json, features.json and the
+`*.array_record-*` shards), so it can be moved or copied as one directory.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+DATASET_NAME = "helios_latents"
+VERSION = "1.0.0"
+
+
+def _tfds():
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # prepare-data prints its own progress, one line per video
+    return tfds
+
+
+def write_dataset(out: str | Path, examples: Iterable[dict]) -> Path:
+    """Write `examples` (dicts with the keys above) to the dataset folder `out`, all or nothing.
+
+    Shapes come from the first example; later ones must match except for N (chunks per clip). The
+    shards are written under a temporary folder beside `out` and renamed into place at the end, so a
+    failure (an exception raised by the `examples` iterator included) leaves nothing at `out`.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists (choose a new --out folder)")
+    examples = iter(examples)
+    first = next(examples, None)
+    if first is None:
+        raise ValueError(f"{out}: no examples to write")
+    shapes = dict(vae_latent=(None, *first["vae_latent"].shape[1:]), prompt_embed=first["prompt_embed"].shape)
+    raised = []  # TFDS may wrap what the generator raises: keep the original to re-raise it
+
+    def checked():
+        try:
+            yield from itertools.chain([first], examples)
+        except BaseException as error:
+            raised.append(error)
+            raise
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tfds = _tfds()
+        builder = _builder_class(tfds)(data_dir=str(staging), file_format="array_record", shapes=shapes,
+                                       examples=checked())
+        try:
+            builder.download_and_prepare()
+        except BaseException:
+            if raised:
+                raise raised[0] from None
+            raise
+        os.replace(staging / DATASET_NAME / VERSION, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+@functools.cache  # TFDS registers builder classes by name: define it once per process
+def _builder_class(tfds):
+    """The builder, defined on first use so that importing this module does not import TFDS."""
+
+    class HeliosLatents(tfds.core.GeneratorBasedBuilder):
+        name = DATASET_NAME
+        VERSION = tfds.core.Version(VERSION)
+
+        def __init__(self, *, shapes: dict, examples: Iterable[dict], **kwargs):
+            self._shapes = shapes
+            self._examples = examples
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "vae_latent": tfds.features.Tensor(shape=self._shapes["vae_latent"], dtype=np.float32),
+                "prompt_embed": tfds.features.Tensor(shape=self._shapes["prompt_embed"], dtype=np.float32),
+                "caption": tfds.features.Text(),
+                "id": tfds.features.Text(),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self) -> Iterator[tuple[str, dict]]:
+            for example in self._examples:
+                yield example["id"], example
+
+        # TFDS prints "downloading and preparing ... to <staging folder>": not the folder the user
+        # named, and prepare-data reports its own progress, so those two messages are silenced.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
+    return HeliosLatents
+
+
+class LatentDataset:
+    """Random access to a stored dataset: `len(ds)`, `ds[i]` -> dict of numpy arrays and str.
+
+    Opening checks the folder, its metadata and that every shard is present and readable, so a
+    broken dataset fails here with the file named, not later inside a training step.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such dataset folder (write one with `helios-jax prepare-data`)")
+        for name in ("dataset_info.json", "features.json"):
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"{self.path / name}: missing (not a prepare-data dataset folder)")
+        self._check_shards()
+        tfds = _tfds()
+        try:
+            self._source = tfds.builder_from_directory(str(self.path)).as_data_source(split="train")
+            self._length = len(self._source)
+        except Exception as error:  # TFDS and array_record raise many types; the file is what matters
+            raise OSError(f"{self.path}: cannot open the dataset ({_first_line(error)})") from None
+
+    def _check_shards(self) -> None:
+        try:
+            info = json.loads((self.path / "dataset_info.json").read_text())
+            split = next(s for s in info["splits"] if s["name"] == "train")
+            lengths = [int(n) for n in split["shardLengths"]]
+        except (ValueError, KeyError, StopIteration) as error:
+            raise OSError(f"{self.path / 'dataset_info.json'}: unreadable or has no train split ({error})") from None
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        count = len(lengths)
+        for index, expected in enumerate(lengths):
+            shard = self.path / f"{DATASET_NAME}-train.array_record-{index:05d}-of-{count:05d}"
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: missing shard ({count} expected)")
+            try:
+                reader = ArrayRecordReader(str(shard))
+                found = reader.num_records()
+                if found:
+                    reader.read([0, found - 1])  # the first and last record decode: not truncated
+                reader.close()
+            except Exception as error:
+                raise OSError(f"{shard}: corrupt shard ({_first_line(error)})") from None
+            if found != expected:
+                raise OSError(f"{shard}: {found} records, dataset_info.json says {expected}")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[index]
+        return {
+            "vae_latent": np.asarray(record["vae_latent"], np.float32),
+            "prompt_embed": np.asarray(record["prompt_embed"], np.float32),
+            "caption": _text(record["caption"]),
+            "id": _text(record["id"]),
+        }
+
+    def __repr__(self) -> str:
+        return f"LatentDataset({str(self.path)!r}, {len(self)} clips)"
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
