@@ -7,7 +7,7 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
-from helios_jax import aot_command, distributed, generate_command
+from helios_jax import aot_command, distributed, generate_command, train_command
 from helios_jax import __version__
 
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_command.add_command(commands)
     add_commands(commands)
     aot_command.add_command(commands)
+    train_command.add_command(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Training: optimizer, trainer loop, checkpoints (spec training.md)."""

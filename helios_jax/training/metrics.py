@@ -1,0 +1,56 @@
+"""Training metrics: model FLOPs utilisation and the JSON-lines log in the workdir."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helios_jax.distributed import is_main_process, log
+
+# Dense bf16 peak FLOP/s per chip, by a substring of jax's device_kind (first match wins).
+PEAK_FLOPS = (
+    ("v6", 918e12),       # TPU v6e (Trillium)
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),  # TPU v5e
+    ("v5e", 197e12),
+    ("v5", 459e12),
+    ("v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPU)."""
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind
+    return next((peak for key, peak in PEAK_FLOPS if key.lower() in kind.lower()), None)
+
+
+class MetricsLog:
+    """`metrics.jsonl` in the workdir, one record per logged step, written by process 0. On resume
+    the records after the restored step are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, workdir, resumed_step: int):
+        self.path = Path(workdir) / "metrics.jsonl"
+        if not is_main_process():
+            return
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resumed_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not is_main_process():
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        shown = "  ".join(f"{k}={_short(v)}" for k, v in record.items())
+        log(f"train: {shown}")
+
+
+def _short(value):
+    return f"{value:.5g}" if isinstance(value, float) else value
