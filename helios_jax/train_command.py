@@ -29,6 +29,7 @@ def run_train(args, overrides) -> None:
     from helios_jax.config_flags import apply_overrides, load_config
     from helios_jax.parallel import make_mesh
     from helios_jax.training import synthetic
+    from helios_jax.training.checkpointing import Checkpoints
     from helios_jax.training.model_setup import build_model
     from helios_jax.training.trainer import train
 
@@ -36,6 +37,9 @@ def run_train(args, overrides) -> None:
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size {config.data.batch_size} does not split over "
                          f"{jax.process_count()} processes")
+    existing = Checkpoints(args.workdir, config)  # refuse a mismatched resume before building anything
+    existing.check_latest_config()
+    existing.close()
     mesh = make_mesh(**{axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor", "seq")})
     model = build_model(config, mesh)
     iterator = synthetic.synthetic_iterator(

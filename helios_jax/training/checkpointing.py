@@ -37,6 +37,12 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def check_latest_config(self) -> None:
+        """Refuse early (before any model is built) when the latest checkpoint has another config."""
+        latest = self.latest_step()
+        if latest is not None:
+            self.check_config(latest)
+
     def check_config(self, step: int) -> None:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         differences = guarded_differences(saved, self.config)

@@ -53,7 +53,7 @@ def split_model(model: nnx.Module, trainable_filter) -> tuple[SplitModel, dict]:
     graphdef, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, trainable_filter), ...)
     if not jax.tree.leaves(trainable):
         raise ValueError("the trainable filter selects no parameter of the model")
-    pure = trainable.to_pure_dict()
+    pure = nnx.to_pure_dict(trainable)
     # The pure dict and the State flatten in the same (sorted-key) order; check it once.
     state_paths = [path for path, _ in nnx.to_flat_state(trainable)]
     pure_paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
@@ -100,7 +100,7 @@ def make_train_step(split: SplitModel, loss_fn: LossFn, optimizer: optax.Gradien
 
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
             (loss, metrics), grads = jax.tree.map(lambda x: x / grad_accum, total)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(trainable, opt_state, state.step + 1, state.rng)
