@@ -34,6 +34,9 @@ def run_train(args, overrides) -> None:
     from helios_jax.training.trainer import train
 
     config = apply_overrides(load_config(args.config), overrides)
+    if config.data.path:
+        raise ValueError(f"--config.data.path={config.data.path}: the latent loader is not wired into "
+                         "`helios-jax train` yet (it trains the synthetic stand-in task); leave data.path empty")
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size {config.data.batch_size} does not split over "
                          f"{jax.process_count()} processes")

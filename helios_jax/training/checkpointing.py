@@ -5,10 +5,9 @@ complete checkpoint (a save cut off by a kill is never one), and a checkpoint wr
 config that differs in a resume-guarded field is refused."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
 
 from helios_jax.training.config import flatten, guarded_differences
 
@@ -20,7 +19,9 @@ class ConfigMismatch(ValueError):
 class Checkpoints:
     def __init__(self, workdir, config):
         self.config = flatten(config)
-        self.directory = Path(workdir).resolve() / "checkpoints"
+        workdir = epath.Path(workdir)
+        # A local folder is made absolute (Orbax wants that); gs://... paths go to Orbax as they are.
+        self.directory = (workdir if "://" in str(workdir) else workdir.resolve()) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(config.train.keep_checkpoints),
             save_interval_steps=int(config.train.checkpoint_every),

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from etils import epath
 
 from helios_jax.distributed import is_main_process, log
 
@@ -30,24 +31,32 @@ def peak_flops(device) -> float | None:
 
 class MetricsLog:
     """`metrics.jsonl` in the workdir, one record per logged step, written by process 0. On resume
-    the records after the restored step are dropped, so the file reads as one uninterrupted run."""
+    the records after the restored step are dropped, so the file reads as one uninterrupted run.
+    A local file is appended to; a bucket object (gs://...), which cannot be appended to, is
+    rewritten whole at each write (records are ~200 bytes, written every log_every steps)."""
 
     def __init__(self, workdir, resumed_step: int):
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.remote = "://" in str(workdir)
+        self.lines = []
         if not is_main_process():
             return
-        kept = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= resumed_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+                    self.lines.append(line)
+        self.path.write_text("".join(line + "\n" for line in self.lines))
 
     def write(self, record: dict) -> None:
         if not is_main_process():
             return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(line + "\n" for line in self.lines))
+        else:
+            with self.path.open("a") as file:
+                file.write(line + "\n")
         shown = "  ".join(f"{k}={_short(v)}" for k, v in record.items())
         log(f"train: {shown}")
 

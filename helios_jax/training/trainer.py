@@ -9,15 +9,14 @@ logical axes (FSDP over `fsdp`), the batch is split over `data` x `fsdp`.
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -167,7 +166,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     """Run config.train.steps optimizer steps (resuming from the latest checkpoint in
     WORKDIR/checkpoints if there is one). `model` is already placed on `mesh`; `iterator` yields
     this process's rows of each global batch and has get_state / set_state (grain)."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     grad_accum = int(config.train.grad_accum)
     if grad_accum < 1 or config.data.batch_size % grad_accum:
