@@ -215,6 +215,11 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
             # The manager saves at multiples of checkpoint_every (and when a preemption is signalled).
             last = done == steps and checkpoints.latest_step() != done
             checkpoints.save(done, state, iterator, force=last)
+            if checkpoints.manager.reached_preemption(done):
+                # The manager saved this step because the slice is being preempted: stop cleanly;
+                # re-running the command resumes here.
+                log(f"train: preemption signalled; saved step {done} and stopping")
+                break
     checkpoints.close()
     return state
 
