@@ -134,6 +134,20 @@ def test_only_trainable_parameters_change_and_have_optimizer_state():
     assert int(new_state.step) == 1 and set(metrics) == {"loss", "grad_norm", "prediction_mean"}
 
 
+def test_bf16_model_trains_fp32_masters_and_keeps_frozen_in_bf16():
+    model = Toy(nnx.Rngs(0))
+    for _, variable in nnx.to_flat_state(nnx.state(model)):
+        variable.set_value(variable.get_value().astype(jnp.bfloat16))
+    split, master = split_model(model, nnx.Not(nnx.PathContains("blocks")))
+    assert {x.dtype for x in jax.tree.leaves(master)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(split.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    optimizer = make_optimizer(toy_optimizer_config())
+    state = initial_state(master, optimizer, 0, make_mesh())
+    new_state, metrics = jax.jit(make_train_step(split, toy_loss, optimizer))(state, split.frozen, toy_batch())
+    assert {x.dtype for x in jax.tree.leaves(new_state.trainable)} == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(float(metrics["loss"]))
+
+
 def test_grad_accumulation_averages_micro_batches():
     optimizer = make_optimizer(toy_optimizer_config())
     results = []
@@ -195,6 +209,11 @@ def test_loss_falls(reference_run):
     assert record["mfu"] == "n/a" and record["tokens_per_s"] > 0 and record["lr"] == pytest.approx(1e-3)
     saved = sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [REFERENCE_STEPS - 10, REFERENCE_STEPS]  # keep_checkpoints=2, every 10 steps
+    import orbax.checkpoint as ocp
+    tree = ocp.StandardCheckpointer().metadata(reference_run / "checkpoints" / str(REFERENCE_STEPS) / "state")
+    tree = getattr(tree, "item_metadata", tree)
+    assert "blocks" not in tree["trainable"] and "proj_out" in tree["trainable"]  # only trainable parameters
+    assert "blocks" not in tree["opt_state"][1][0]["mu"]
 
 
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference_run, cache_dir, tmp_path):

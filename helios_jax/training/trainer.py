@@ -48,8 +48,10 @@ class SplitModel(NamedTuple):
 
 
 def split_model(model: nnx.Module, trainable_filter) -> tuple[SplitModel, dict]:
-    """(SplitModel, fp32 pure dict of the trainable parameters). Non-Param variables count as frozen."""
-    graphdef, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, trainable_filter), ...)
+    """(SplitModel, fp32 pure dict of the trainable variables). `trainable_filter` is any nnx filter
+    (a path filter, a Variable type such as a LoRA parameter type, or nnx.All/Any of them); it is
+    used as given, so a LoRA Variable type that is not an nnx.Param subclass is still trainable."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
     if not jax.tree.leaves(trainable):
         raise ValueError("the trainable filter selects no parameter of the model")
     pure = nnx.to_pure_dict(trainable)
