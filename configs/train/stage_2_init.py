@@ -1,5 +1,6 @@
 """stage_2_init (spec §7.1, §3.5, §5.2): `helios-jax train --config configs/train/stage_2_init.py[:tiny]`.
-Set --config.model.init to the transformer folder this stage starts from (spec §2)."""
+Starts from Helios-Base/transformer (spec §2):
+set --config.model.init to that folder (converted or diffusers format)."""
 from helios_jax.training.config import training_config
 
 
