@@ -1,0 +1,72 @@
+"""The training config (spec §7.1) shared by configs/train/stage_*.py: one builder, the per-stage
+numbers passed in, and the `:tiny` variant for tests and the CPU demo."""
+from __future__ import annotations
+
+import ml_collections
+
+# Fields whose change makes a checkpoint unusable (parameter/optimizer shapes, the data order the
+# iterator state refers to, or what the run is): resuming with another value is refused.
+RESUME_GUARDED = (
+    "model.config", "model.init", "model.dtype",
+    "lora",
+    "train.stage", "train.seed", "train.grad_accum",
+    "data.path", "data.batch_size", "data.seed",
+    "pyramid",
+)
+
+
+def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, seed: int,
+                    lora_rank: int, patch_embedding: str, history_patches: str,
+                    sample_ratios: tuple = (), batch_size: int, arg=None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = dict(config="helios_14b", init="", dtype="bfloat16", remat_policy="full")
+    config.lora = dict(rank=lora_rank, alpha=float(lora_rank), patch_embedding=patch_embedding,
+                       history_patches=history_patches)
+    # batch_size is global: the reference ran `batch_size` per GPU; scale it with the device count.
+    config.data = dict(path="", batch_size=batch_size, seed=seed, worker_count=4)
+    config.history = dict(drop_t2v=0.4, drop_i2v=0.0, drop_v2v=0.4, corrupt=True, corrupt_mode="noise",
+                          clean_prob=0.1, noise_ratio=1 / 3, saturation=False, saturation_clean_prob=0.1)
+    config.pyramid = dict(sample_ratios=tuple(sample_ratios))
+    config.optimizer = dict(lr=lr, schedule=schedule, warmup_steps=warmup_steps, b1=0.9, b2=0.999, eps=1e-8,
+                            weight_decay=1e-4, clip_norm=1.0)
+    config.train = dict(stage=stage, steps=1_000_000, log_every=10, checkpoint_every=500, keep_checkpoints=3,
+                        seed=seed, grad_accum=1)
+    config.mesh = dict(data=1, fsdp=-1, tensor=1, seq=1)
+    if arg == "tiny":
+        shrink_to_tiny(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; the only one is 'tiny'")
+    return config
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
+    """The tiny random transformer, a small batch and a few steps: CPU tests and the demo."""
+    config.model.update(config="tiny", dtype="float32", remat_policy="none")
+    config.lora.update(rank=4, alpha=4.0)
+    config.data.update(batch_size=2, worker_count=0)
+    config.optimizer.update(lr=1e-3, warmup_steps=min(config.optimizer.warmup_steps, 5))
+    config.train.update(steps=20, log_every=1, checkpoint_every=10, keep_checkpoints=2)
+
+
+def flatten(config) -> dict:
+    """{"a.b": value} for every leaf (tuples as lists, as JSON stores them)."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                walk(value, name + ".")
+            else:
+                out[name] = list(value) if isinstance(value, tuple) else value
+    walk(config, "")
+    return out
+
+
+def guarded_differences(saved: dict, current: dict) -> list[str]:
+    """`field (saved -> current)` for each resume-guarded field that differs; inputs are `flatten`ed."""
+    def guarded(name):
+        return any(name == g or name.startswith(g + ".") for g in RESUME_GUARDED)
+    names = sorted(n for n in set(saved) | set(current) if guarded(n))
+    return [f"{n} ({saved.get(n, '<absent>')!r} -> {current.get(n, '<absent>')!r})"
+            for n in names if saved.get(n) != current.get(n)]

@@ -1,0 +1,45 @@
+"""The transformer a training run starts from: config.model.config names its shape (a preset, a
+config .py file, or a folder with config.json), config.model.init its weights ("" = random init
+from config.train.seed, else a converted or diffusers transformer folder), placed on the mesh."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from helios_jax import parallel
+from helios_jax.models.transformer import HeliosTransformer3DModel
+from helios_jax.models.transformer_config import PRESETS, from_diffusers_json, preset
+
+
+def model_config_of(config) -> ml_collections.ConfigDict:
+    name = config.model.config
+    execution = dict(dtype=config.model.dtype, remat_policy=config.model.remat_policy)
+    if name in PRESETS:
+        return preset(name, **execution)
+    path = Path(name)
+    if path.suffix == ".py":
+        from helios_jax.config_flags import load_config
+        model_config = load_config(name)
+        model_config.update(execution)
+        return model_config
+    if (path / "config.json").is_file():
+        return from_diffusers_json(json.loads((path / "config.json").read_text()), **execution)
+    raise ValueError(f"config.model.config: {name!r} is not a preset ({', '.join(PRESETS)}), "
+                     "a config .py file or a folder with config.json")
+
+
+def build_model(config, mesh) -> HeliosTransformer3DModel:
+    """The model, every parameter already placed on `mesh` by its logical axes."""
+    if config.model.init:
+        from helios_jax.loading import load
+        model = load(config.model.init, dtype=config.model.dtype, mesh=mesh)
+        # The folder's config.json sets the shape; the run's remat policy is an execution choice.
+        model.config = ml_collections.FrozenConfigDict({**model.config.to_dict(),
+                                                        "remat_policy": config.model.remat_policy})
+        return model
+    model_config = model_config_of(config)
+    seed = int(config.train.seed)
+    return parallel.init_sharded(lambda: HeliosTransformer3DModel(model_config, rngs=nnx.Rngs(seed)), mesh)
