@@ -35,8 +35,10 @@ setup(
         # 640 MB installed): tests/test_aot.py compiles for TPU topologies with it, no TPU needed.
         "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
                  "sentencepiece",  # sentencepiece builds the test tokenizer
-                 "jax[tpu]"],
+                 "jax[tpu]",
+                 "gradio", "selenium"],  # the web demo, driven by Debian's chromium (tests/test_serve.py)
         "data": ["tensorflow-datasets"],
+        "demo": ["gradio"],  # helios-jax serve
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},
 )

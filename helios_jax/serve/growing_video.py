@@ -4,6 +4,7 @@ a chunk costs the same however long the video already is)."""
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -46,7 +47,10 @@ class GrowingVideo:
         listing.write_text("".join(f"file '{segment.name}'\n" for segment in self.segments))
         command = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "concat", "-safe", "0",
                    "-i", str(listing), "-c", "copy", "-movflags", "+faststart", str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        with warnings.catch_warnings():
+            # ffmpeg is exec'd at once and shares nothing with JAX's threads.
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{out}: joining {len(self.segments)} segments failed ({result.stderr.strip()[:200]})")
         return out

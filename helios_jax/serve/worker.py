@@ -17,8 +17,11 @@ from helios_jax.serve.growing_video import GrowingVideo
 from helios_jax.serve.live_prompt import LivePrompt
 from helios_jax.serve.validation import GenerationRequest
 
-# hook(request_number, chunk_index, prompt_embeds [1, L, D]) just before a chunk runs, on the worker's thread.
-ChunkHook = Callable[[int, int, np.ndarray], None]
+# Test and debugging hooks, called on the worker's thread just before a chunk runs:
+# BeforeChunkHook(request_number, chunk_index) before the chunk's prompt is read (it may wait: the device waits);
+# PromptHook(request_number, chunk_index, prompt_embeds [1, L, D]) with the embedding the pipeline receives.
+BeforeChunkHook = Callable[[int, int], None]
+PromptHook = Callable[[int, int, np.ndarray], None]
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Progress:
 
 @dataclass
 class PromptRecorder:
-    """A ChunkHook keeping the embeddings each chunk of each request received (tests, debugging)."""
+    """A PromptHook keeping the embeddings each chunk of each request received (tests, debugging)."""
 
     received: dict = field(default_factory=dict)  # request_number -> [embeds of chunk 0, chunk 1, ...]
 
@@ -59,7 +62,8 @@ class Worker:
         self.sampling = dict(sampling or {})
         self.fps = fps
         self.transition_chunks = transition_chunks
-        self.chunk_hooks: list[ChunkHook] = []
+        self.before_chunk_hooks: list[BeforeChunkHook] = []
+        self.prompt_hooks: list[PromptHook] = []
         # Reentrant: a chunk (run under the lock) encodes a newly posted prompt under it too.
         self._device = threading.RLock()
         self._numbers = itertools.count(1)
@@ -93,8 +97,10 @@ class Worker:
         number = next(self._numbers)
 
         def prompt_for_chunk(chunk_index: int) -> np.ndarray:
+            for hook in list(self.before_chunk_hooks):
+                hook(number, chunk_index)
             embeds = live.for_chunk(chunk_index)
-            for hook in list(self.chunk_hooks):
+            for hook in list(self.prompt_hooks):
                 hook(number, chunk_index, embeds)
             return embeds
 
