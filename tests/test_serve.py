@@ -113,7 +113,7 @@ def browser():
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1100"):
+                 "--window-size=1280,1200"):
         options.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     options.add_argument(f"--user-data-dir={profile}")
@@ -172,8 +172,9 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     worker.prompt_hooks.append(recorder)
     # Hold request 1 before its last chunk until the test has seen the first chunk and changed the prompt:
     # whatever the machine's speed, the page must show chunk 1 while the last chunk has not even started.
-    release = threading.Event()
-    worker.before_chunk_hooks.append(lambda number, chunk: number == 1 and chunk == 1 and release.wait(120))
+    release = {1: threading.Event(), 4: threading.Event()}
+    worker.before_chunk_hooks.append(lambda number, chunk: chunk == 1 and number in release
+                                     and release[number].wait(120))
     page = Page(browser, server.url)
 
     # Request 1: streaming, then a new prompt that the last chunk follows.
@@ -185,7 +186,7 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     page.type("new_prompt", "a blue boat sails at night")
     page.click("change_prompt")
     page.wait_for_text("prompt_status", "the next chunk follows: a blue boat sails at night", 30)
-    release.set()
+    release[1].set()
     done = page.wait_for_text("status", "done")
     assert "chunk 2/2" in done and "65 frames" in done and "prompt: a blue boat sails at night" in done
     assert page.wait_for_video("so_far_0002.mp4") != first_video
@@ -220,4 +221,25 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     assert "prompt: a green tree in the wind" in page.wait_for_text("status", "done")
     assert [len(chunks) for chunks in recorder.received.values()] == [2, 2]
     np.testing.assert_array_equal(recorder.received[2][1], worker.encode("base", "a green tree in the wind"))
+
+    # Request 3 fails on the device, request 4 is stopped between chunks; request 5 is still answered.
+    def fail(number, chunk):
+        if number == 3:
+            raise RuntimeError("simulated device failure")
+
+    worker.before_chunk_hooks.append(fail)
+    page.click("generate")
+    assert "generation failed: simulated device failure" in page.wait_for_text("status", "Error")
+    page.type("frames", "67")  # 3 chunks: held before its second, stopped there
+    page.click("generate")
+    page.wait_for_text("status", "chunk 1/3")
+    page.click("stop")
+    page.wait_for_text("status", "stopped", 30)
+    release[4].set()
+    page.type("frames", "34")
+    page.type("prompt", "a yellow kite")
+    page.click("generate")
+    assert "prompt: a yellow kite" in page.wait_for_text("status", "done")
+    assert len(recorder.received[4]) == 2  # the chunk in flight finished; the third never started
+    assert len(recorder.received[5]) == 2
     assert urllib.request.urlopen(server.url, timeout=30).status == 200

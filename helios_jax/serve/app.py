@@ -111,9 +111,11 @@ def build_app(worker: Worker, limits: Limits, *, default_frames: int, work_dir: 
                 status = gr.Markdown("Ready.", elem_id="status")
                 prompt_status = gr.Markdown("", elem_id="prompt_status")
                 download = gr.File(label="Finished mp4", interactive=False, elem_id="download")
-        # One request at a time on the device; the others wait in gradio's queue.
+        # One request at a time on the device; the others wait in gradio's queue. "multiple": a click while a
+        # stopped request's last chunk is still finishing is queued, not dropped.
         running = start.click(generate, [prompt, negative_prompt, variant, frames, seed, height, width, image, video],
-                              [growing, status, download], concurrency_limit=1, concurrency_id="device")
+                              [growing, status, download], concurrency_limit=1, concurrency_id="device",
+                              trigger_mode="multiple")
         stop.click(lambda: "**stopped**", None, status, cancels=[running], queue=False)
         # Not queued: a new prompt must reach the running request, which holds the device queue.
         change.click(change_prompt, new_prompt, prompt_status, queue=False)
