@@ -243,3 +243,20 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     assert len(recorder.received[4]) == 2  # the chunk in flight finished; the third never started
     assert len(recorder.received[5]) == 2
     assert urllib.request.urlopen(server.url, timeout=30).status == 200
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (("--model", "no-such-folder"), "--model no-such-folder"),
+    (("--model", "tiny-random", "--port", "70000"), "--port"),
+    (("--model", "tiny-random", "--height", "100"), "--height"),
+    (("--model", "tiny-random", "--variant", "large"), "--variant"),
+    (("--model", "tiny-random", "--max-frames", "0"), "--max-frames"),
+])
+def test_bad_serve_arguments_exit_with_one_line_before_loading(args, culprit):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "helios_jax", "serve", *args], capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and culprit in lines[0], result.stderr
