@@ -244,6 +244,17 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     assert len(recorder.received[5]) == 2
     assert urllib.request.urlopen(server.url, timeout=30).status == 200
 
+    # What prompt_for_chunk returns is what the chunk is sampled with (the compiled program is reused).
+    pipe = worker.pipelines["base"]
+    settings = dict(height=32, width=32, num_frames=34, seed=3, num_inference_steps=1, decode=False)
+    steered = [c.latents for c in pipe.iter_chunks(prompt_embeds=car, prompt_for_chunk=[car, boat].__getitem__,
+                                                   **settings)]
+    plain = [c.latents for c in pipe.iter_chunks(prompt_embeds=car, **settings)]
+    np.testing.assert_array_equal(steered[0], plain[0])
+    assert not np.allclose(steered[1], plain[1])
+    with pytest.raises(ValueError, match="prompt_for_chunk"):
+        next(pipe.iter_chunks(prompt_embeds=car, prompt_for_chunk=lambda k: car[:, :7], **settings))
+
 
 @pytest.mark.parametrize("args,culprit", [
     (("--model", "no-such-folder"), "--model no-such-folder"),
