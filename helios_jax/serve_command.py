@@ -115,9 +115,11 @@ def start_server(args) -> Server:
     stages = {v: p.scheduler.config.stages for v, p in pipelines.items()}
     for variant, count in stages.items():
         check_size(height, width, count)
-    base = [v for v, p in pipelines.items() if v == "base"]
-    if args.pyramid_steps and base and len(pipelines) == 1:
+    # Each variant takes its own kind of step count; refuse one that no loaded variant would use.
+    if args.pyramid_steps and set(pipelines) == {"base"}:
         raise ValueError("--pyramid-steps applies to Mid and Distilled; Base takes --steps")
+    if args.steps and "base" not in pipelines:
+        raise ValueError("--steps applies to Base; Mid and Distilled take --pyramid-steps")
     sampling = dict(num_inference_steps=args.steps, pyramid_num_inference_steps_list=args.pyramid_steps,
                     is_amplify_first_chunk=args.amplify)
     worker = Worker(pipelines, height=height, width=width, sampling=sampling, fps=args.fps,
