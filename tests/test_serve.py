@@ -212,7 +212,15 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     page.type("frames", "5000")
     page.click("generate")
     assert "frames: 5000 is out of range" in page.wait_for_text("status", "5000", 30)
+    page.type("frames", "34")
+    not_an_image = tmp_path / "holiday.png"
+    not_an_image.write_text("this is text, not a picture")
+    browser.find_element("css selector", "#image input[type=file]").send_keys(str(not_an_image))
+    page.wait_for_text("image", "holiday", 30)  # uploaded
+    page.click("generate")
+    assert "image upload holiday.png: not a readable image" in page.wait_for_text("status", "holiday", 30)
     assert list(recorder.received) == [1]
+    page = Page(browser, server.url)  # a fresh page: no upload left over
 
     # Request 2 is answered as well: the server is alive and the device free.
     page.type("frames", "34")
