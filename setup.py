@@ -36,11 +36,13 @@ setup(
         "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
                  "sentencepiece",  # sentencepiece builds the test tokenizer
                  "jax[tpu]",
-                 "tensorflow-datasets", "array_record", "importlib_resources"],  # the data tests write shards
+                 "tensorflow-datasets", "array_record", "importlib_resources",  # the data tests write shards
+                 "gradio", "selenium"],  # the web demo, driven by Debian's chromium (tests/test_serve.py)
         # prepare-data writes and the training loader reads ArrayRecord shards through TFDS; no
         # TensorFlow needed. importlib_resources: TFDS 4.9.10 imports it when it builds a dataset but
         # declares it for Python < 3.9 only.
         "data": ["tensorflow-datasets", "array_record", "importlib_resources"],
+        "demo": ["gradio"],  # helios-jax serve
     },
     entry_points={"console_scripts": ["helios-jax=helios_jax.cli:main"]},
 )

@@ -7,7 +7,7 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
-from helios_jax import aot_command, distributed, generate_command, prepare_data_command, train_command
+from helios_jax import aot_command, distributed, generate_command, prepare_data_command, serve_command, train_command
 from helios_jax import __version__
 
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--seed", type=int, default=0)
     forward.set_defaults(run=run_forward)
     generate_command.add_command(commands)
+    serve_command.add_command(commands)
     add_commands(commands)
     aot_command.add_command(commands)
     prepare_data_command.add_command(commands)

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -166,10 +166,15 @@ class HeliosPipeline:
         interpolation_steps: int = 3,
         decode: bool = True,
         conditioning_latents: list | None = None,
+        prompt_for_chunk: Callable[[int], object] | None = None,
     ) -> Iterator[Chunk]:
         """Generate chunk by chunk: each is yielded as soon as it is denoised (and decoded), so a
         caller can write it out and memory stays flat however long the video. The I2V / V2V
-        latents that seed the history are appended to `conditioning_latents` when given."""
+        latents that seed the history are appended to `conditioning_latents` when given.
+
+        `prompt_for_chunk(k)`, when given, is called just before chunk k runs and returns that chunk's
+        prompt embedding [1, L, D] (the shape of the prompt's own): a live prompt a caller may change
+        while the video is being generated (the web demo's interactive mode)."""
         settings, guidance_scale, num_frames = self._settings(
             num_frames, num_inference_steps, guidance_scale, pyramid_num_inference_steps_list,
             is_amplify_first_chunk, use_zero_init, zero_steps,
@@ -184,6 +189,8 @@ class HeliosPipeline:
         chunk_prompt = lambda k: embeds  # noqa: E731 - the same embedding for every chunk
         if use_interpolate_prompt:
             num_chunks, chunk_prompt = _interpolation(embeds, num_chunks, interpolate_time_list, interpolation_steps)
+        if prompt_for_chunk is not None:
+            chunk_prompt = _live_prompt(prompt_for_chunk, embeds.shape, self.transformer.dtype)
 
         h, w = height // self._spatial_stride, width // self._spatial_stride
         batch = embeds.shape[0] if not use_interpolate_prompt else 1
@@ -399,6 +406,20 @@ def _interpolation(embeds, num_chunks: int, interpolate_time_list, interpolation
         return interactive.blend_embeddings(embeds, j_prev, j, weight)[None]
 
     return num_chunks, chunk_prompt
+
+
+def _live_prompt(prompt_for_chunk, shape, dtype):
+    """Wraps a caller's per-chunk embedding source; the shape must stay that of the first prompt so
+    the compiled chunk program is reused."""
+    expected = (1, *shape[1:])
+
+    def chunk_prompt(k):
+        embeds = jnp.asarray(prompt_for_chunk(k)).astype(dtype)
+        if embeds.shape != expected:
+            raise ValueError(f"prompt_for_chunk({k}): embedding shape {tuple(embeds.shape)}, expected {expected}")
+        return embeds
+
+    return chunk_prompt
 
 
 def _pipeline_flags(model_index: Path) -> dict:
