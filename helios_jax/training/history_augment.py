@@ -90,20 +90,26 @@ def noise_corrupt(key: jax.Array, x: jax.Array, ratio: float) -> jax.Array:
     return s * jax.random.normal(k_n, x.shape, x.dtype) + (1 - s) * x
 
 
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of an antialiased linear (bilinear per axis) resize, half-pixel centres:
+    the triangle kernel is widened by in/out when shrinking (jax.image.resize "linear",
+    antialias=True; torch's antialiased bilinear). Rows sum to 1."""
+    scale = out_size / in_size
+    width = max(1.0, 1.0 / scale)
+    centres = (np.arange(out_size) + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(centres[:, None] - np.arange(in_size)[None]) / width)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
 @functools.lru_cache(maxsize=None)
 def _blur_operators(size: int) -> tuple[np.ndarray, int]:
     """[n, size, size] matrices M_k = up(down(.)) for the down sizes floor(0.9 size) + k < size:
-    an antialiased bilinear resize to the smaller size and back, as linear maps on one axis."""
+    a resize to the smaller size and back, as one linear map on one axis (host, float64)."""
     smallest = int(np.floor(0.9 * size))
-    operators = []
-    with jax.ensure_compile_time_eval():
-        for small in range(smallest, size):
-            down = np.asarray(jax.image.resize(jnp.eye(size), (small, size), "linear", antialias=True))
-            up = np.asarray(jax.image.resize(jnp.eye(small), (size, small), "linear", antialias=True))
-            operators.append(up @ down)
+    operators = [resize_matrix(small, size) @ resize_matrix(size, small) for small in range(max(smallest, 1), size)]
     if not operators:  # size 1: nothing smaller to resize to
         operators.append(np.eye(size))
-    return np.stack(operators).astype(np.float32), smallest
+    return np.stack(operators).astype(np.float32), max(smallest, 1)
 
 
 def downsample_corrupt(key: jax.Array, x: jax.Array, window_ids: np.ndarray) -> jax.Array:
