@@ -150,3 +150,46 @@ def lora_parameter_count(model: nnx.Module, under: str | None = None) -> int:
 
 def _name(path) -> str:
     return ".".join(str(p) for p in path) or "<model>"
+
+
+# ------------------------------------------------------------------------------------------------
+# Export in PEFT / diffusers naming (spec §10: `pytorch_lora_weights.safetensors`)
+
+# Our module names that differ from diffusers' (everything else is the same dotted path).
+_DIFFUSERS_MODULE_NAMES = {"to_out": "to_out.0", "linear_in": "net.0.proj", "linear_out": "net.2"}
+
+
+def diffusers_module_name(path: tuple, layer: int | None = None) -> str:
+    """diffusers' module name of our layer at `path` (layer index for the stacked blocks)."""
+    names = [_DIFFUSERS_MODULE_NAMES.get(str(p), str(p)) for p in path]
+    if names[0] == "blocks":
+        names.insert(1, str(layer))
+    return ".".join(names)
+
+
+def peft_lora_state_dict(model: nnx.Module, prefix: str = "transformer.") -> tuple[dict[str, np.ndarray], dict]:
+    """Every adapter as `{prefix}<module>.lora_A.weight` / `lora_B.weight` in torch layout (Linear:
+    A [r, in], B [out, r]; Conv3d: A [r, C, kT, kH, kW], B [out, r, 1, 1, 1]), fp32 numpy, plus
+    {"r", "lora_alpha", "target_modules"} for the PEFT LoraConfig. One rank and scale for all."""
+    tensors, ranks, scales, targets = {}, set(), set(), []
+    for path, layer in lora_layers(model):
+        down, up = np.asarray(layer.lora.down.get_value()), np.asarray(layer.lora.up.get_value())
+        rank = up.shape[-2]
+        ranks.add(rank)
+        scales.add(layer.lora.scale)
+        stacked = path[0] == "blocks"
+        for index in range(up.shape[0]) if stacked else [None]:
+            d, u = (down[index], up[index]) if stacked else (down, up)
+            name = diffusers_module_name(path, index)
+            targets.append(name)
+            if isinstance(layer, PatchEmbed):  # [kT, kH, kW, C, r] -> [r, C, kT, kH, kW]
+                a, b = d.transpose(4, 3, 0, 1, 2), u.T[:, :, None, None, None]
+            else:
+                a, b = d.T, u.T
+            tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a, np.float32)
+            tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
+    if len(ranks) > 1 or len(scales) > 1:
+        raise ValueError(f"adapters differ in rank {sorted(ranks)} or scale {sorted(scales)}; PEFT export needs one")
+    rank = ranks.pop() if ranks else 0
+    config = {"r": rank, "lora_alpha": scales.pop() * rank if rank else 0, "target_modules": targets}
+    return tensors, config
