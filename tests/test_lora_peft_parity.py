@@ -7,8 +7,8 @@ from peft import LoraConfig, set_peft_model_state_dict
 
 from helios_jax.training import lora
 from tests.diffusers_reference import build_reference, convert, relative_error, run_reference
-from tests.test_lora import randomize_lora
-from tests.test_transformer_parity import make_inputs, run_ours
+from tests.test_lora import forward, randomize_lora
+from tests.test_transformer_parity import make_inputs
 
 RANK, ALPHA = 4, 8
 
@@ -35,4 +35,4 @@ def test_lora_forward_matches_diffusers_with_peft_adapters():
 
     expected = run_reference(reference, inputs)
     assert relative_error(expected, base) > 1e-2  # the adapters change the output
-    assert relative_error(run_ours(ours, inputs), expected) <= 1e-4
+    assert relative_error(np.asarray(forward(ours, inputs)), expected) <= 1e-4
