@@ -35,6 +35,7 @@ setup(
         # 640 MB installed): tests/test_aot.py compiles for TPU topologies with it, no TPU needed.
         "test": ["pytest", "pytest-xdist", "torch", "diffusers==0.42.1", "transformers", "accelerate",
                  "sentencepiece",  # sentencepiece builds the test tokenizer
+                 "peft",  # LoRA parity reference (tests/test_lora_peft_parity.py)
                  "jax[tpu]",
                  "tensorflow-datasets", "array_record", "importlib_resources",  # the data tests write shards
                  "gradio", "selenium"],  # the web demo, driven by Debian's chromium (tests/test_serve.py)

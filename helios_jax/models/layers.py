@@ -80,6 +80,14 @@ def normal(stddev: float):
     return init
 
 
+def add_adapter(layer: nnx.Module, y: jax.Array, equation: str, x: jax.Array) -> jax.Array:
+    """y plus the low-rank update of an adapter attached as `layer.lora` (helios_jax.training.lora),
+    if any. `equation` contracts the layer's input with the adapter's down projection the way the
+    layer contracts it with its kernel, so one adapter class serves Dense and PatchEmbed."""
+    adapter = getattr(layer, "lora", None)
+    return y if adapter is None else y + adapter(equation, x, layer.dtype)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out] (a torch Linear weight transposed)."""
 
@@ -91,7 +99,8 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         y = jnp.einsum("...i,io->...o", x, self.kernel[...], preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        y = y + self.bias[...].astype(jnp.float32)
+        return add_adapter(self, y, "...i,ir->...r", x).astype(self.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -171,4 +180,5 @@ class PatchEmbed(nnx.Module):
         x = x[:, : t * kt, : h * kh, : w * kw].astype(self.dtype)
         x = x.reshape(b, t, kt, h, kh, w, kw, c)
         y = jnp.einsum("bTtHhWwc,thwcd->bTHWd", x, self.kernel[...], preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        y = y + self.bias[...].astype(jnp.float32)
+        return add_adapter(self, y, "bTtHhWwc,thwcr->bTHWr", x).astype(self.dtype)
