@@ -18,8 +18,9 @@ def tiny_random_components(variant: str, *, seed: int = 0) -> dict:
     from helios_jax.text.tiny_tokenizer import tiny_tokenizer
 
     text = text_encoder_config.preset("tiny")
-    transformer = HeliosTransformer3DModel(transformer_config.preset("tiny", text_dim=text.d_model),
-                                           rngs=nnx.Rngs(seed))
+    config = transformer_config.preset("tiny-random")
+    assert config.text_dim == text.d_model, "the tiny-random preset must take the tiny UMT5's embeddings"
+    transformer = HeliosTransformer3DModel(config, rngs=nnx.Rngs(seed))
     vae = AutoencoderKLWan(vae_config.preset("tiny"), rngs=nnx.Rngs(seed + 1))
     encoder = UMT5EncoderModel(text, rngs=nnx.Rngs(seed + 2))
     return dict(

@@ -1,9 +1,10 @@
 """`helios-jax train --config configs/train/stage_1_init.py[:tiny] --workdir DIR [--config.F=V ...]`.
 
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints (after a
-preemption, on every host). Until the Stage 1/2 losses and the latent loader are wired in, the
-step trains the stand-in task of helios_jax/training/synthetic.py (flow matching on the target
-chunk, no history) on synthetic batches, with everything but the transformer blocks trainable.
+preemption, on every host). The model gets LoRA per `config.lora` (spec §3.5) and trains the
+stage's loss (`stage1`: flow matching with history, `stage2`: the pyramid loss) on the batches of
+`config.data.path`: a folder written by `helios-jax prepare-data`, or `synthetic` for a small fixed
+set of random batches in the same format (tests, and trying the loop without data).
 """
 from __future__ import annotations
 
@@ -21,35 +22,67 @@ def add_command(commands) -> None:
     train.set_defaults(run=run_train)
 
 
+STAGE_LOSSES = ("stage1", "stage2")
+
+
 def run_train(args, overrides) -> None:
     distributed.initialize_if_configured()  # no-op when main() already joined the hosts
     import jax
     from flax import nnx
 
     from helios_jax.config_flags import apply_overrides, load_config
-    from helios_jax.parallel import make_mesh
-    from helios_jax.training import synthetic
+    from helios_jax.parallel import make_mesh, shard_state
     from helios_jax.training.checkpointing import Checkpoints
+    from helios_jax.training.lora import add_lora, trainable_filter
     from helios_jax.training.model_setup import build_model
     from helios_jax.training.trainer import train
 
     config = apply_overrides(load_config(args.config), overrides)
-    if config.data.path:
-        raise ValueError(f"--config.data.path={config.data.path}: the latent loader is not wired into "
-                         "`helios-jax train` yet (it trains the synthetic stand-in task); leave data.path empty")
+    if config.train.stage not in STAGE_LOSSES:
+        raise ValueError(f"--config.train.stage={config.train.stage!r}: must be one of {', '.join(STAGE_LOSSES)}")
+    if not config.data.path:
+        raise ValueError("--config.data.path: give a folder written by `helios-jax prepare-data` "
+                         "(or `synthetic` for random batches)")
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size {config.data.batch_size} does not split over "
                          f"{jax.process_count()} processes")
+    iterator = _batches(config)  # missing or corrupt shards are named before the workdir is touched
     existing = Checkpoints(args.workdir, config)  # refuse a mismatched resume before building anything
     existing.check_latest_config()
     existing.close()
     mesh = make_mesh(**{axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor", "seq")})
     model = build_model(config, mesh)
-    iterator = synthetic.synthetic_iterator(
-        model.config, batch_size=config.data.batch_size // jax.process_count(), seed=int(config.data.seed),
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    distributed.log(f"train: {args.config} -> {args.workdir}  mesh={dict(mesh.shape)}  "
-                    f"stand-in task: synthetic batches, flow-matching loss without history")
-    train(config, args.workdir, model=model, loss_fn=synthetic.chunk_velocity_loss,
-          trainable_filter=nnx.Not(nnx.PathContains("blocks")), iterator=iterator, mesh=mesh,
-          uses_history=False)
+    add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
+             rngs=nnx.Rngs(int(config.train.seed) + 1))
+    shard_state(model, mesh)  # the new adapters (and fp32 patchers) by their logical axes
+    distributed.log(f"train: {args.config} -> {args.workdir}  {config.train.stage}  data={config.data.path}  "
+                    f"mesh={dict(mesh.shape)}  LoRA rank {config.lora.rank}")
+    train(config, args.workdir, model=model, loss_fn=_stage_loss(config),
+          trainable_filter=trainable_filter(config.lora.history_patches), iterator=iterator, mesh=mesh,
+          uses_history=True)
+
+
+def _stage_loss(config):
+    if config.train.stage == "stage1":
+        from helios_jax.training.flow_matching import stage1_loss as loss
+    else:
+        from helios_jax.training.pyramid_training import stage2_loss as loss
+    return lambda model, batch, key: loss(model, batch, key, config)
+
+
+def _batches(config):
+    """This host's batches: the prepared dataset (sharded over hosts by the loader) or synthetic ones."""
+    import jax
+
+    local = config.data.batch_size // jax.process_count()
+    if config.data.path == "synthetic":
+        from helios_jax.training import synthetic
+        from helios_jax.training.model_setup import model_config_of
+
+        return synthetic.synthetic_iterator(model_config_of(config), batch_size=local, seed=int(config.data.seed),
+                                            shard_index=jax.process_index(), shard_count=jax.process_count())
+    from helios_jax.training.data import make_loader
+
+    return make_loader(config.data.path, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
+                       worker_count=int(config.data.worker_count))

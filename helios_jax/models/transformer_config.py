@@ -49,7 +49,10 @@ TINY = dict(
     dtype="float32",
 )
 
-PRESETS = {"helios_14b": {}, "tiny": TINY}
+# "tiny-random": the tiny transformer as `--model tiny-random` pairs it with the tiny UMT5 (d_model 64),
+# so it trains on data prepared with `helios-jax prepare-data --model tiny-random`.
+TINY_RANDOM = {**TINY, "text_dim": 64}
+PRESETS = {"helios_14b": {}, "tiny": TINY, "tiny-random": TINY_RANDOM}
 
 # Keys the official (training) class writes into config.json. They change nothing in the released
 # model, except these two, whose paths this port does not have.

@@ -41,7 +41,9 @@ def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, 
 
 def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     """The tiny random transformer, a small batch and a few steps: CPU tests and the demo."""
-    config.model.update(config="tiny", dtype="float32", remat_policy="none")
+    config.model.update(config="tiny-random", dtype="float32", remat_policy="none")
+    if not config.data.path:
+        config.data.path = "synthetic"  # random batches in the loader's format; point it at prepared data
     config.lora.update(rank=4, alpha=4.0)
     config.data.update(batch_size=2, worker_count=0)
     config.optimizer.update(lr=1e-3, warmup_steps=min(config.optimizer.warmup_steps, 5))
