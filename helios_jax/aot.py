@@ -157,7 +157,8 @@ def model_config(name: str, task: str, attention: str = "xla"):
         raise AotError(f"--attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
     # Training keeps only each block's input across the scan (full remat): memory flat in depth.
     # The host traces on its CPU backend, where "auto" would mean xla: the kernel is named explicitly.
-    return transformer_config.preset(name, remat_policy="full" if task == "train" else "none", attention_impl=attention)
+    training = task in ("train", "stage1")
+    return transformer_config.preset(name, remat_policy="full" if training else "none", attention_impl=attention)
 
 
 def abstract_state(config, mesh: Mesh):
@@ -274,7 +275,66 @@ def forward_flops(config, current_size=None) -> float:
     return transformer_flops(config, history, current, TEXT_TOKENS)
 
 
-STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step}
+def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
+    """The real Stage-1 optimizer step of `helios-jax train` (configs/train/stage_1_init.py): LoRA
+    rank 128 on every linear and the patch embedding, full fp32 history patchers, the flow-matching
+    loss with history augmentation, clip + AdamW on the trainable parameters only (fp32 masters and
+    moments, sharded like the parameters), the frozen base in bf16."""
+    import optax
+
+    from helios_jax.config_flags import REPO_CONFIGS, load_config
+    from helios_jax.models.transformer import HeliosTransformer3DModel
+    from helios_jax.training.flow_matching import stage1_loss
+    from helios_jax.training.lora import add_lora, trainable_filter
+    from helios_jax.training.optimizer import make_optimizer
+    from helios_jax.training.trainer import SplitModel, TrainState, make_train_step
+
+    del graphdef, state  # the base model is rebuilt with its adapters
+    train_config = load_config(str(REPO_CONFIGS / "train" / "stage_1_init.py"))
+    lora = train_config.lora
+    model = nnx.eval_shape(lambda: add_lora(
+        HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)), rank=int(lora.rank), alpha=float(lora.alpha),
+        patch_embedding=lora.patch_embedding, history_patches=lora.history_patches, rngs=nnx.Rngs(1)))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora.history_patches), ...)
+    frozen = jax.tree.map(lambda var: _abstract_variable(var, mesh), frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    variables = [var for _, var in nnx.to_flat_state(trainable)]
+    masters = [_sharded_struct(var, mesh, jnp.float32) for var in variables]
+    master = jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(trainable)), masters)
+    split = SplitModel(graphdef, jax.tree.structure(trainable), [var.get_value().dtype for var in variables], frozen)
+    optimizer = make_optimizer(train_config.optimizer)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(optimizer.init, master)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, m: m.sharding, opt_abstract, master,
+                                          transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_abstract, opt_shardings)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    train_state = TrainState(master, opt_state, step, rng)
+    frames, height, width = LATENT_SIZE
+    channels = config.in_channels
+    batch_inputs = {
+        "x0_latents": _batch_sharded((batch, channels, 1, height, width), jnp.float32, mesh),
+        "history_latents": _batch_sharded((batch, channels, 19, height, width), jnp.float32, mesh),
+        "target_latents": _batch_sharded((batch, channels, frames, height, width), jnp.float32, mesh),
+        "prompt_embeds": _batch_sharded((batch, TEXT_TOKENS, config.text_dim), jnp.float32, mesh),
+    }
+    loss = lambda model, batch, key: stage1_loss(model, batch, key, train_config)  # noqa: E731
+    state_shardings = jax.tree.map(lambda x: x.sharding, train_state)
+    jitted = jax.jit(make_train_step(split, loss, optimizer), out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return jitted, (train_state, frozen, batch_inputs), 3 * batch * forward_flops(config)
+
+
+def _sharded_struct(var, mesh: Mesh, dtype=None) -> jax.ShapeDtypeStruct:
+    value = var.get_value()
+    axes = tuple(var.get_metadata().get("out_sharding") or ()) or (None,) * len(value.shape)
+    return jax.ShapeDtypeStruct(value.shape, dtype or value.dtype, sharding=sharding_for(value.shape, axes, mesh))
+
+
+def _abstract_variable(var, mesh: Mesh):
+    return var.replace(_sharded_struct(var, mesh))
+
+
+STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step, "stage1": stage1_step}
 
 
 def compile_report(topology: str, *, model: str = "helios_14b", task: str = "forward", mesh_text: str | None = None,
@@ -287,7 +347,7 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
     config = model_config(model, task, attention)
     if batch is None:
         # Training fills every data-parallel rank with one sample; sampling makes one video.
-        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task == "train" else 1
+        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task in ("train", "stage1") else 1
     if batch < 1:
         raise AotError(f"--batch must be positive; got {batch}")
     graphdef, state = abstract_state(config, mesh)
