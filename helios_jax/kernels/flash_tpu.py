@@ -1,0 +1,288 @@
+"""Flash attention for TPU as Pallas (Mosaic) kernels, differentiable through `jax.custom_vjp`.
+
+Forward: one grid step per (batch, head, query block, key block); the key-block axis is the
+sequential ("arbitrary") one, folding each block into an online softmax whose running max, sum
+and output accumulator stay in fp32 VMEM scratch. It also writes the logsumexp of every query
+row, so the backward recomputes the probabilities instead of storing them (FlashAttention-2):
+one kernel accumulates dq over key blocks, another dk/dv over query blocks, both using
+D_i = rowsum(dO * O).
+
+Lengths need not divide the blocks: q/k/v are zero-padded to the block multiple, padded keys get
+a large negative logit before the max (probability exactly 0, so they receive zero gradient) and
+padded queries are sliced off (their output cotangent is zero, so they add nothing to dk/dv).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+DEFAULT_BLOCK = 512
+LANES = 128  # TPU vector lane width: the key block is the logits' lane axis, so it is a multiple of this
+MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
+# Row statistics (logsumexp, D_i) are kept as [rows, 1] columns: they broadcast along the lanes
+# of a [block_q, block_k] logits tile without a transpose.
+_CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | None = None,
+                    block_k: int | None = None, interpret: bool = False) -> jax.Array:
+    """Attention over [B, L, H, D] q and [B, S, H, D] k/v (no mask, scale 1/sqrt(D), fp32 softmax).
+
+    block_q / block_k: tile sizes along the query / key sequence (multiples of 128; default 512,
+    clamped to the padded length). interpret: run the kernels in Pallas' TPU interpreter (CPU).
+    Differentiable in q, k and v; returns q.dtype.
+    """
+    _check_inputs(q, k, v)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    block_q = _block_size(block_q, q_len, "block_q")
+    block_k = _block_size(block_k, kv_len, "block_k")
+    # [B, L, H, D] -> [B, H, L, D]: each grid step then reads one contiguous [block, D] tile.
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    q = _pad_sequence(q, block_q)
+    k, v = (_pad_sequence(t, block_k) for t in (k, v))
+    out = _flash(q, k, v, kv_len, block_q, block_k, interpret)
+    return jnp.swapaxes(out[:, :, :q_len], 1, 2)
+
+
+def _check_inputs(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ValueError(f"flash_attention: {name} must be [batch, length, heads, head_dim]; got shape {t.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have one shape; got {k.shape} and {v.shape}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} differ in batch, heads or head_dim")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _block_size(requested: int | None, length: int, name: str) -> int:
+    padded = _round_up(length, LANES)
+    if requested is None:
+        return min(DEFAULT_BLOCK, padded)
+    if requested <= 0 or requested % LANES:
+        raise ValueError(f"flash_attention: {name} must be a positive multiple of {LANES}; got {requested}")
+    return min(requested, padded)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_sequence(t: jax.Array, block: int) -> jax.Array:
+    extra = _round_up(t.shape[2], block) - t.shape[2]
+    return jnp.pad(t, [(0, 0), (0, 0), (0, extra), (0, 0)]) if extra else t
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp over padded [B, H, L, D] tensors; kv_len (true key count), blocks, interpret static.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash(q, k, v, kv_len, block_q, block_k, interpret):
+    out, _ = _forward(q, k, v, kv_len, block_q, block_k, interpret)
+    return out
+
+
+def _flash_fwd(q, k, v, kv_len, block_q, block_k, interpret):
+    out, lse = _forward(q, k, v, kv_len, block_q, block_k, interpret)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(kv_len, block_q, block_k, interpret, residuals, d_out):
+    q, k, v, out, lse = residuals
+    # D_i = rowsum(dO * O): the softmax-Jacobian term shared by every key block of row i.
+    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dq = _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret)
+    dk, dv = _backward_dkv(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret)
+    return dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _interpret_params(interpret: bool):
+    # TPU interpret mode (not the generic HLO interpreter): it checks the Mosaic-specific parts
+    # (VMEM scratch, dimension semantics) on CPU.
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _compiler_params(sequential_axis_last: bool = True):
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _logits(q, k, key_block, *, scale, kv_len, block_k, masked):
+    """Scaled fp32 logits of a [block_q, D] x [block_k, D] tile, padded keys pushed to MASKED_LOGIT."""
+    s = jax.lax.dot_general(q, k, _CONTRACT_LAST, preferred_element_type=jnp.float32) * scale
+    if masked:
+        column = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(column < kv_len, s, MASKED_LOGIT)
+    return s
+
+
+def _cost(q, k, *, matmuls: int, exps: int, tensors_bytes: int) -> pl.CostEstimate:
+    batch, heads, q_len, head_dim = q.shape
+    pairs = batch * heads * q_len * k.shape[2]
+    return pl.CostEstimate(flops=2 * matmuls * pairs * head_dim, transcendentals=exps * pairs,
+                           bytes_accessed=tensors_bytes)
+
+
+def _nbytes(*arrays) -> int:
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, max_ref, sum_ref, acc_ref, *,
+                    scale, kv_len, block_k, masked):
+    key_block = pl.program_id(3)
+
+    @pl.when(key_block == 0)
+    def _init():
+        max_ref[...] = jnp.full(max_ref.shape, MASKED_LOGIT, jnp.float32)
+        sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    s = _logits(q_ref[...], k_ref[...], key_block, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    previous_max = max_ref[...]
+    new_max = jnp.maximum(previous_max, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - new_max)
+    correction = jnp.exp(previous_max - new_max)
+    sum_ref[...] = correction * sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    acc_ref[...] = correction * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    max_ref[...] = new_max
+
+    @pl.when(key_block == pl.num_programs(3) - 1)
+    def _finish():
+        total = sum_ref[...]
+        out_ref[...] = (acc_ref[...] / total).astype(out_ref.dtype)
+        lse_ref[...] = max_ref[...] + jnp.log(total)
+
+
+def _forward(q, k, v, kv_len, block_q, block_k, interpret):
+    batch, heads, q_len, head_dim = q.shape
+    grid = (batch, heads, q_len // block_q, k.shape[2] // block_k)
+    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
+    kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
+                               block_k=block_k, masked=k.shape[2] != kv_len)
+    out_shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32))
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, row_spec],
+        out_shape=out_shapes,
+        scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        compiler_params=_compiler_params(),
+        cost_estimate=_cost(q, k, matmuls=2, exps=1, tensors_bytes=_nbytes(q, k, v, q) + batch * heads * q_len * 4),
+        interpret=_interpret_params(interpret),
+        name="helios_flash_forward",
+    )(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dq (grid over key blocks innermost) and dk/dv (grid over query blocks innermost)
+
+
+def _probabilities_and_dscores(q, k, v, d_out, lse, di, key_block, *, scale, kv_len, block_k, masked):
+    """p = softmax recomputed from the saved logsumexp, and dS = p * (dO v^T - D_i) (unscaled)."""
+    s = _logits(q, k, key_block, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    p = jnp.exp(s - lse)  # masked keys: exp(-1e30 - lse) == 0
+    dp = jax.lax.dot_general(d_out, v, _CONTRACT_LAST, preferred_element_type=jnp.float32)
+    return p, p * (dp - di)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_acc_ref, *, scale, kv_len, block_k, masked):
+    key_block = pl.program_id(3)
+
+    @pl.when(key_block == 0)
+    def _init():
+        dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+
+    k = k_ref[...]
+    _, ds = _probabilities_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], di_ref[...], key_block,
+                                       scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(key_block == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (dq_acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
+    batch, heads, q_len, head_dim = q.shape
+    grid = (batch, heads, q_len // block_q, k.shape[2] // block_k)
+    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
+    kernel = functools.partial(_dq_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
+                               block_k=block_k, masked=k.shape[2] != kv_len)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        compiler_params=_compiler_params(),
+        cost_estimate=_cost(q, k, matmuls=3, exps=1, tensors_bytes=_nbytes(q, k, v, d_out, lse, di, q)),
+        interpret=_interpret_params(interpret),
+        name="helios_flash_backward_dq",
+    )(q, k, v, d_out, lse, di)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *,
+                scale, kv_len, block_k, masked):
+    key_block, query_block = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(query_block == 0)
+    def _init():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    q, d_out = q_ref[...], do_ref[...]
+    p, ds = _probabilities_and_dscores(q, k_ref[...], v_ref[...], d_out, lse_ref[...], di_ref[...], key_block,
+                                       scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    dv_acc_ref[...] += jnp.dot(p.astype(d_out.dtype).T, d_out, preferred_element_type=jnp.float32)
+    dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+
+    @pl.when(query_block == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk_acc_ref[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _backward_dkv(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
+    batch, heads, q_len, head_dim = q.shape
+    # Key blocks are the parallel axis here; query blocks (index j) are folded in sequentially.
+    grid = (batch, heads, k.shape[2] // block_k, q_len // block_q)
+    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, j, 0))
+    kernel = functools.partial(_dkv_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
+                               block_k=block_k, masked=k.shape[2] != kv_len)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
+        compiler_params=_compiler_params(),
+        cost_estimate=_cost(q, k, matmuls=4, exps=1, tensors_bytes=_nbytes(q, k, v, d_out, lse, di, k, v)),
+        interpret=_interpret_params(interpret),
+        name="helios_flash_backward_dkv",
+    )(q, k, v, d_out, lse, di)
