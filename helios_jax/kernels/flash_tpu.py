@@ -113,8 +113,15 @@ def _interpret_params(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def _compiler_params(sequential_axis_last: bool = True):
+def _compiler_params():
+    # The last grid axis accumulates into scratch, so it must run in order on one core.
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _result(like: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
+    """A kernel output shape that varies over the same shard_map axes as `like` (check_vma
+    inside `jax.shard_map` needs this said explicitly; outside one it is empty)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _logits(q, k, key_block, *, scale, kv_len, block_k, masked):
@@ -126,11 +133,14 @@ def _logits(q, k, key_block, *, scale, kv_len, block_k, masked):
     return s
 
 
-def _cost(q, k, *, matmuls: int, exps: int, tensors_bytes: int) -> pl.CostEstimate:
+def _cost(q, k, *, matmuls: int, once: tuple, repeated: tuple, repeats: int) -> pl.CostEstimate:
+    """What XLA's cost analysis should count for a kernel (a custom call is opaque to it):
+    `matmuls` [L, S] x D products, one exp per logit; the arrays in `once` move once, those in
+    `repeated` once per block of the outer sequence axis (`repeats` times)."""
     batch, heads, q_len, head_dim = q.shape
     pairs = batch * heads * q_len * k.shape[2]
-    return pl.CostEstimate(flops=2 * matmuls * pairs * head_dim, transcendentals=exps * pairs,
-                           bytes_accessed=tensors_bytes)
+    return pl.CostEstimate(flops=2 * matmuls * pairs * head_dim, transcendentals=pairs,
+                           bytes_accessed=_nbytes(*once) + repeats * _nbytes(*repeated))
 
 
 def _nbytes(*arrays) -> int:
@@ -176,8 +186,7 @@ def _forward(q, k, v, kv_len, block_q, block_k, interpret):
     row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
     kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
                                block_k=block_k, masked=k.shape[2] != kv_len)
-    out_shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32))
+    out_shapes = (_result(q, q.shape, q.dtype), _result(q, (batch, heads, q_len, 1), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -187,7 +196,7 @@ def _forward(q, k, v, kv_len, block_q, block_k, interpret):
         scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
                         pltpu.VMEM((block_q, head_dim), jnp.float32)],
         compiler_params=_compiler_params(),
-        cost_estimate=_cost(q, k, matmuls=2, exps=1, tensors_bytes=_nbytes(q, k, v, q) + batch * heads * q_len * 4),
+        cost_estimate=_cost(q, k, matmuls=2, once=(q, q, *out_shapes[1:]), repeated=(k, v), repeats=grid[2]),
         interpret=_interpret_params(interpret),
         name="helios_flash_forward",
     )(q, k, v)
@@ -235,10 +244,10 @@ def _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
         grid=grid,
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_result(q, q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
         compiler_params=_compiler_params(),
-        cost_estimate=_cost(q, k, matmuls=3, exps=1, tensors_bytes=_nbytes(q, k, v, d_out, lse, di, q)),
+        cost_estimate=_cost(q, k, matmuls=3, once=(q, d_out, lse, di, q), repeated=(k, v), repeats=grid[2]),
         interpret=_interpret_params(interpret),
         name="helios_flash_backward_dq",
     )(q, k, v, d_out, lse, di)
@@ -279,10 +288,10 @@ def _backward_dkv(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
         grid=grid,
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_result(k, k.shape, k.dtype), _result(v, v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
         compiler_params=_compiler_params(),
-        cost_estimate=_cost(q, k, matmuls=4, exps=1, tensors_bytes=_nbytes(q, k, v, d_out, lse, di, k, v)),
+        cost_estimate=_cost(q, k, matmuls=4, once=(k, v, k, v), repeated=(q, d_out, lse, di), repeats=grid[2]),
         interpret=_interpret_params(interpret),
         name="helios_flash_backward_dkv",
     )(q, k, v, d_out, lse, di)
