@@ -24,8 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 DEFAULT_BLOCK = 512
 LANES = 128  # TPU vector lane width: the key block is the logits' lane axis, so it is a multiple of this
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
-# Row statistics (logsumexp, D_i) are kept as [rows, 1] columns: they broadcast along the lanes
-# of a [block_q, block_k] logits tile without a transpose.
+# Per-query statistics (logsumexp, D_i) live in HBM as lane-dense rows [B, H, 1, L]: a [L, 1]
+# column would be padded to 128 lanes there (128x the bytes).
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
 
 
@@ -98,7 +98,7 @@ def _flash_fwd(q, k, v, kv_len, block_q, block_k, interpret):
 def _flash_bwd(kv_len, block_q, block_k, interpret, residuals, d_out):
     q, k, v, out, lse = residuals
     # D_i = rowsum(dO * O): the softmax-Jacobian term shared by every key block of row i.
-    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
     dq = _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret)
     dk, dv = _backward_dkv(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret)
     return dq, dk, dv
@@ -124,13 +124,24 @@ def _result(like: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
-def _logits(q, k, key_block, *, scale, kv_len, block_k, masked):
-    """Scaled fp32 logits of a [block_q, D] x [block_k, D] tile, padded keys pushed to MASKED_LOGIT."""
-    s = jax.lax.dot_general(q, k, _CONTRACT_LAST, preferred_element_type=jnp.float32) * scale
+def _logits(a, b, key_block, *, key_axis, scale, kv_len, block_k, masked):
+    """Scaled fp32 logits a @ b.T of two [block, D] tiles; one of them holds keys, and `key_axis`
+    (1: b is k, 0: a is k) says which axis of the result counts them. Padded keys get MASKED_LOGIT."""
+    s = jax.lax.dot_general(a, b, _CONTRACT_LAST, preferred_element_type=jnp.float32) * scale
     if masked:
-        column = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(column < kv_len, s, MASKED_LOGIT)
+        key = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, key_axis)
+        s = jnp.where(key < kv_len, s, MASKED_LOGIT)
     return s
+
+
+def _column_to_row(column):
+    """[n, 1] -> [1, n] through a lane-aligned [n, 128] -> [128, n] transpose (Mosaic-friendly)."""
+    return jnp.transpose(jnp.broadcast_to(column, (column.shape[0], LANES)))[:1]
+
+
+def _row_to_column(row):
+    """[1, n] -> [n, 1], the inverse of `_column_to_row`."""
+    return jnp.transpose(jnp.broadcast_to(row, (LANES, row.shape[1])))[:, :1]
 
 
 def _cost(q, k, *, matmuls: int, once: tuple, repeated: tuple, repeats: int) -> pl.CostEstimate:
@@ -161,7 +172,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, max_ref, sum_ref, acc
         sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    s = _logits(q_ref[...], k_ref[...], key_block, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    s = _logits(q_ref[...], k_ref[...], key_block, key_axis=1, scale=scale, kv_len=kv_len, block_k=block_k,
+                masked=masked)  # [block_q, block_k]
     previous_max = max_ref[...]
     new_max = jnp.maximum(previous_max, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp(s - new_max)
@@ -175,18 +187,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, max_ref, sum_ref, acc
     def _finish():
         total = sum_ref[...]
         out_ref[...] = (acc_ref[...] / total).astype(out_ref.dtype)
-        lse_ref[...] = max_ref[...] + jnp.log(total)
+        lse_ref[...] = _column_to_row(max_ref[...] + jnp.log(total))
+
+
+def _specs(block_q, block_k, head_dim, *, queries_outer: bool):
+    """BlockSpecs for [B, H, L, D] query-side tiles, key-side tiles and [B, H, 1, L] query rows,
+    on a grid (b, h, outer, inner) whose outer axis walks query blocks (or key blocks)."""
+    q_block = (lambda b, h, i, j: (b, h, i, 0)) if queries_outer else (lambda b, h, i, j: (b, h, j, 0))
+    k_block = (lambda b, h, i, j: (b, h, j, 0)) if queries_outer else (lambda b, h, i, j: (b, h, i, 0))
+    row_block = (lambda b, h, i, j: (b, h, 0, i)) if queries_outer else (lambda b, h, i, j: (b, h, 0, j))
+    return (pl.BlockSpec((None, None, block_q, head_dim), q_block),
+            pl.BlockSpec((None, None, block_k, head_dim), k_block),
+            pl.BlockSpec((None, None, 1, block_q), row_block))
 
 
 def _forward(q, k, v, kv_len, block_q, block_k, interpret):
     batch, heads, q_len, head_dim = q.shape
     grid = (batch, heads, q_len // block_q, k.shape[2] // block_k)
-    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
+    q_spec, kv_spec, row_spec = _specs(block_q, block_k, head_dim, queries_outer=True)
     kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
                                block_k=block_k, masked=k.shape[2] != kv_len)
-    out_shapes = (_result(q, q.shape, q.dtype), _result(q, (batch, heads, q_len, 1), jnp.float32))
+    out_shapes = (_result(q, q.shape, q.dtype), _result(q, (batch, heads, 1, q_len), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -203,27 +224,27 @@ def _forward(q, k, v, kv_len, block_q, block_k, interpret):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: dq (grid over key blocks innermost) and dk/dv (grid over query blocks innermost)
+# Backward: dq (grid over key blocks innermost) and dk/dv (grid over query blocks innermost).
+# With s = scale * q k^T and p = softmax(s): dv = p^T dO, dS = p * (dO v^T - D_i),
+# dq = scale * dS k, dk = scale * dS^T q. Masked keys have p == 0, hence zero gradient.
 
 
-def _probabilities_and_dscores(q, k, v, d_out, lse, di, key_block, *, scale, kv_len, block_k, masked):
-    """p = softmax recomputed from the saved logsumexp, and dS = p * (dO v^T - D_i) (unscaled)."""
-    s = _logits(q, k, key_block, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
-    p = jnp.exp(s - lse)  # masked keys: exp(-1e30 - lse) == 0
-    dp = jax.lax.dot_general(d_out, v, _CONTRACT_LAST, preferred_element_type=jnp.float32)
-    return p, p * (dp - di)
-
-
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_acc_ref, *, scale, kv_len, block_k, masked):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_acc_ref, lse_column_ref, di_column_ref, *,
+               scale, kv_len, block_k, masked):
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
     def _init():
         dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+        # The row statistics as columns once per query block: they broadcast along [block_q, block_k].
+        lse_column_ref[...] = _row_to_column(lse_ref[...])
+        di_column_ref[...] = _row_to_column(di_ref[...])
 
     k = k_ref[...]
-    _, ds = _probabilities_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], di_ref[...], key_block,
-                                       scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    s = _logits(q_ref[...], k, key_block, key_axis=1, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    p = jnp.exp(s - lse_column_ref[...])  # [block_q, block_k]; masked keys: exp(-1e30 - lse) == 0
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], _CONTRACT_LAST, preferred_element_type=jnp.float32)
+    ds = p * (dp - di_column_ref[...])
     dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(key_block == pl.num_programs(3) - 1)
@@ -234,9 +255,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_acc_ref,
 def _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
     batch, heads, q_len, head_dim = q.shape
     grid = (batch, heads, q_len // block_q, k.shape[2] // block_k)
-    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, i, 0))
+    q_spec, kv_spec, row_spec = _specs(block_q, block_k, head_dim, queries_outer=True)
     kernel = functools.partial(_dq_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
                                block_k=block_k, masked=k.shape[2] != kv_len)
     return pl.pallas_call(
@@ -245,7 +264,8 @@ def _backward_dq(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
         out_shape=_result(q, q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.float32)],
         compiler_params=_compiler_params(),
         cost_estimate=_cost(q, k, matmuls=3, once=(q, d_out, lse, di, q), repeated=(k, v), repeats=grid[2]),
         interpret=_interpret_params(interpret),
@@ -262,11 +282,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk
         dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
+    # Transposed tiles [block_k, block_q]: the query rows lse and D_i broadcast down the sublanes
+    # as they are, and p^T dO, dS^T q are plain matmuls (no in-kernel transposes).
     q, d_out = q_ref[...], do_ref[...]
-    p, ds = _probabilities_and_dscores(q, k_ref[...], v_ref[...], d_out, lse_ref[...], di_ref[...], key_block,
-                                       scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
-    dv_acc_ref[...] += jnp.dot(p.astype(d_out.dtype).T, d_out, preferred_element_type=jnp.float32)
-    dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+    s_t = _logits(k_ref[...], q, key_block, key_axis=0, scale=scale, kv_len=kv_len, block_k=block_k, masked=masked)
+    p_t = jnp.exp(s_t - lse_ref[...])
+    dp_t = jax.lax.dot_general(v_ref[...], d_out, _CONTRACT_LAST, preferred_element_type=jnp.float32)
+    ds_t = p_t * (dp_t - di_ref[...])
+    dv_acc_ref[...] += jnp.dot(p_t.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    dk_acc_ref[...] += jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     @pl.when(query_block == pl.num_programs(3) - 1)
     def _finish():
@@ -278,9 +302,7 @@ def _backward_dkv(q, k, v, d_out, lse, di, kv_len, block_q, block_k, interpret):
     batch, heads, q_len, head_dim = q.shape
     # Key blocks are the parallel axis here; query blocks (index j) are folded in sequentially.
     grid = (batch, heads, k.shape[2] // block_k, q_len // block_q)
-    q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b, h, i, j: (b, h, j, 0))
+    q_spec, kv_spec, row_spec = _specs(block_q, block_k, head_dim, queries_outer=False)
     kernel = functools.partial(_dkv_kernel, scale=1.0 / math.sqrt(head_dim), kv_len=kv_len,
                                block_k=block_k, masked=k.shape[2] != kv_len)
     return pl.pallas_call(
