@@ -21,11 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-DEFAULT_BLOCK = 512
-LANES = 128  # TPU vector lane width: the key block is the logits' lane axis, so it is a multiple of this
+DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
+LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
-# Per-query statistics (logsumexp, D_i) live in HBM as lane-dense rows [B, H, 1, L]: a [L, 1]
-# column would be padded to 128 lanes there (128x the bytes).
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
 
 
@@ -192,7 +190,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, max_ref, sum_ref, acc
 
 def _specs(block_q, block_k, head_dim, *, queries_outer: bool):
     """BlockSpecs for [B, H, L, D] query-side tiles, key-side tiles and [B, H, 1, L] query rows,
-    on a grid (b, h, outer, inner) whose outer axis walks query blocks (or key blocks)."""
+    on a grid (b, h, outer, inner) whose outer axis walks query blocks (or key blocks).
+
+    Per-query statistics (logsumexp, D_i) are lane-dense rows in HBM: a [L, 1] column would be
+    padded to 128 lanes there (128x the bytes)."""
     q_block = (lambda b, h, i, j: (b, h, i, 0)) if queries_outer else (lambda b, h, i, j: (b, h, j, 0))
     k_block = (lambda b, h, i, j: (b, h, j, 0)) if queries_outer else (lambda b, h, i, j: (b, h, i, 0))
     row_block = (lambda b, h, i, j: (b, h, 0, i)) if queries_outer else (lambda b, h, i, j: (b, h, 0, j))
