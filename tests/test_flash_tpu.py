@@ -139,6 +139,21 @@ for name, attention in (("heads over tensor=8", per_head), ("ulysses over seq=4"
     grad = max(error(a, b) for a, b in zip(grads, reference[1]))
     print(f"{name}: value {value:.2e} grad {grad:.2e}")
     assert value <= 1e-5 and grad <= 1e-5, (name, value, grad)
+
+# Called under a mesh without a shard_map (as the transformer does): flash_attention splits itself
+# (batch over data, queries over seq, heads over tensor); cross-attention, k/v whole per device.
+q = jnp.asarray(rng.standard_normal((2, 130, 4, 64)), jnp.float32)
+k, v = (jnp.asarray(rng.standard_normal((2, 77, 4, 64)), jnp.float32) for _ in range(2))
+reference = value_and_grads(plain)(q, k, v)
+mesh = make_mesh(data=2, tensor=2, seq=2)
+with jax.set_mesh(mesh):
+    flash = value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, impl="pallas_tpu", interpret=True))
+    assert "shard_map" in str(jax.make_jaxpr(flash)(q, k, v))
+    out, grads = flash(q, k, v)
+value = error(out, reference[0])
+grad = max(error(a, b) for a, b in zip(grads, reference[1]))
+print(f"under set_mesh data=2 tensor=2 seq=2: value {value:.2e} grad {grad:.2e}")
+assert value <= 1e-5 and grad <= 1e-5, (value, grad)
 print("shard_map ok")
 """
 
@@ -160,12 +175,29 @@ for dtype in ("bfloat16", "float32"):
     # 9 [L, S] x D matmuls (2 forward, 3 dq, 4 dk/dv) over the padded 256 x 128 tokens, 2 heads
     assert figures["flops"] >= 2 * 9 * 2 * 256 * 128 * 128, figures
     assert figures["peak_bytes"] > 0 and figures["bytes_accessed"] > 0, figures
+
+# On a 4-chip mesh the Mosaic calls cannot be partitioned by the compiler: flash_attention puts
+# them in a shard_map itself (heads over tensor), so each chip runs them on its heads, no gathers.
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from helios_jax.aot import topology_devices
+from helios_jax.kernels.flash_tpu import flash_attention
+from helios_jax.parallel import make_mesh
+
+mesh = make_mesh(tensor=4, devices=topology_devices("v5p:2x2x1"))
+x = jax.ShapeDtypeStruct((1, 200, 8, 128), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(None, None, "tensor")))
+with jax.set_mesh(mesh):
+    program = jax.jit(lambda q, k, v: jax.grad(lambda q, k, v: flash_attention(q, k, v).astype(jnp.float32).sum(),
+                                               argnums=(0, 1, 2))(q, k, v)).lower(x, x, x).compile().as_text()
+assert program.count("tpu_custom_call") == 3 and "all-gather" not in program
 print("compile ok")
 """
 
 
 def test_kernels_compile_for_a_real_tpu_topology():
-    # A subprocess: libtpu reads its environment when it loads (helios_jax.aot sets it first).
+    # A subprocess: libtpu reads its environment when it loads (compile_flash_attention sets it first).
     result = _run(COMPILE_SCRIPT, env={"JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "compile ok" in result.stdout

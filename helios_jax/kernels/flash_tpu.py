@@ -20,10 +20,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, PartitionSpec
 
 DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
 LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
+# Mesh axes (helios_jax.parallel.AXES) the kernels are split over when called under a mesh.
+BATCH_AXES = ("data", "fsdp")
+HEADS_AXIS = "tensor"
+QUERY_AXIS = "seq"
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
 
 
@@ -34,12 +39,54 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
     block_q / block_k: tile sizes along the query / key sequence (multiples of 128; default 512,
     clamped to the padded length). interpret: run the kernels in Pallas' TPU interpreter (CPU).
     Differentiable in q, k and v; returns q.dtype.
+
+    Under a mesh (`jax.set_mesh`) whose axes are not already manual, the kernels run per device in
+    a `shard_map` (the compiler cannot partition a Mosaic call): batch over data/fsdp, heads over
+    tensor, queries over seq, each where it divides; k/v whole along their length. Inside a
+    shard_map (Ulysses) they run on the local shard as given.
     """
     _check_inputs(q, k, v)
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if block is not None and (block <= 0 or block % LANES):
+            raise ValueError(f"flash_attention: {name} must be a positive multiple of {LANES}; got {block}")
+    attention = functools.partial(_local_attention, block_q=block_q, block_k=block_k, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    specs = _mesh_specs(mesh, q.shape)
+    if specs is None:
+        return attention(q, k, v)
+    q_spec, kv_spec = specs
+    # check_vma off: k/v are replicated over seq while q is split, which the kernels do not mind.
+    return jax.shard_map(attention, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+
+
+def _mesh_specs(mesh, q_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
+    """q and k/v PartitionSpecs over the mesh's automatic axes; None when there is nothing to split."""
+    if mesh.empty:
+        return None
+    auto = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if kind != AxisType.Manual and size > 1}
+    if not auto:
+        return None
+    batch, q_len, heads, _ = q_shape
+    batch_axes, product = [], 1
+    for name in BATCH_AXES:
+        if name in auto and batch % (product * auto[name]) == 0:
+            batch_axes.append(name)
+            product *= auto[name]
+    heads_axis = HEADS_AXIS if HEADS_AXIS in auto and heads % auto[HEADS_AXIS] == 0 else None
+    query_axis = QUERY_AXIS if QUERY_AXIS in auto and q_len % auto[QUERY_AXIS] == 0 else None
+    batch_spec = tuple(batch_axes) or None
+    return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
+            PartitionSpec(batch_spec, None, heads_axis, None))
+
+
+def _local_attention(q, k, v, *, block_q, block_k, interpret):
+    """The kernels on one device's [B, L, H, D] arrays."""
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    block_q = _block_size(block_q, q_len, "block_q")
-    block_k = _block_size(block_k, kv_len, "block_k")
+    block_q = min(block_q or DEFAULT_BLOCK, _round_up(q_len, LANES))
+    block_k = min(block_k or DEFAULT_BLOCK, _round_up(kv_len, LANES))
     # [B, L, H, D] -> [B, H, L, D]: each grid step then reads one contiguous [block, D] tile.
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     q = _pad_sequence(q, block_q)
@@ -58,15 +105,6 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} differ in batch, heads or head_dim")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _block_size(requested: int | None, length: int, name: str) -> int:
-    padded = _round_up(length, LANES)
-    if requested is None:
-        return min(DEFAULT_BLOCK, padded)
-    if requested <= 0 or requested % LANES:
-        raise ValueError(f"flash_attention: {name} must be a positive multiple of {LANES}; got {requested}")
-    return min(requested, padded)
 
 
 def _round_up(n: int, multiple: int) -> int:
