@@ -57,8 +57,9 @@ def _assert_matches_xla(attention, q, k, v, tolerance):
 @pytest.mark.parametrize("q_len,kv_len,dtype", [
     (200, 200, "float32"),   # self: one full block of 128 + a partial one, on both axes
     (130, 77, "float32"),    # cross: Lq != Lk, 77 keys in one partial block
-    (130, 200, "bfloat16"),  # cross the other way round, bf16 in and out, fp32 inside
-], ids=["self_200_fp32", "cross_130x77_fp32", "cross_130x200_bf16"])
+    (200, 200, "bfloat16"),  # bf16 in and out, fp32 inside
+    (130, 200, "bfloat16"),  # cross the other way round
+], ids=["self_200_fp32", "cross_130x77_fp32", "self_200_bf16", "cross_130x200_bf16"])
 def test_values_and_gradients_match_xla(q_len, kv_len, dtype):
     q, k, v = _qkv(q_len, kv_len, dtype=dtype)
     flash = lambda q, k, v: flash_attention(q, k, v, block_q=128, block_k=128, interpret=True)
