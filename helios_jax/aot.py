@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from helios_jax.aot_command import MODELS, TASKS
-from helios_jax.parallel import AXES, activation_sharding, make_mesh, sharding_for
+from helios_jax.parallel import AXES, activation_sharding, make_mesh, sharding_for, use_mesh
 
 LATENT_SIZE = (9, 48, 80)  # one chunk at 384x640: 33 frames -> 9 latent frames, 8x spatial VAE
 TEXT_TOKENS = 512
@@ -358,7 +358,10 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
              f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}, attention {attention}")
     start = time.perf_counter()
     try:
-        compiled = function.lower(*args).compile()
+        # Under the mesh: the model's activation constraints apply, and a Pallas TPU kernel (which the
+        # compiler cannot partition) shards itself with a shard_map over the mesh's axes.
+        with use_mesh(mesh):
+            compiled = function.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
         # The TPU compiler refuses a program whose buffers exceed HBM: that is an answer, say it in one line.
         message = str(error).strip().splitlines()[0]
