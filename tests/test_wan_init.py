@@ -172,3 +172,10 @@ def test_derived_parameters_share_no_buffer(loaded):
     pointers = [getattr(getattr(loaded, name), leaf)[...].unsafe_buffer_pointer()
                 for name in ("patch_embedding", "patch_short", "patch_mid", "patch_long") for leaf in ("kernel", "bias")]
     assert len(set(pointers)) == len(pointers)
+
+
+def test_convert_refuses_a_wan_folder(wan, tmp_path):
+    from checkpoints_convert.convert import convert
+    with pytest.raises(CheckpointError, match="WanTransformer3DModel is not converted; load the folder directly"):
+        convert(wan[1], tmp_path / "converted", progress=False)
+    assert not (tmp_path / "converted").exists()
