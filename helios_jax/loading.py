@@ -155,7 +155,8 @@ def _index_tensors(class_name: str, flat: dict, tensors, key_map, num_layers: in
     missing = [name for name, var in flat.items() if name.split(".")[0] not in derived_when_absent
                and len(sources[name]) != (num_layers if components.is_stacked(var) else 1)]
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+        source = getattr(tensors, "folder", "checkpoint")
+        raise CheckpointError(f"{source}: checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
     return sources
 
 

@@ -25,7 +25,7 @@ def model_config_of(config) -> ml_collections.ConfigDict:
         model_config = load_config(name)
         model_config.update(execution)
         return model_config
-    if (path / "config.json").is_file():  # a Helios or (training from scratch) Wan2.1 transformer folder
+    if (path / "config.json").is_file():  # a Helios or Wan2.1 transformer folder (Wan: + Helios training flags)
         from checkpoints_convert import components
         config_json = components.read_config(path)
         return components.component_of(path, config_json, "transformer").config_of(config_json, **execution)
