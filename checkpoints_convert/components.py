@@ -19,6 +19,9 @@ class Component(NamedTuple):
     file_prefix: str  # diffusers: diffusion_pytorch_model; transformers: model
     torch_key: Callable  # (source key, Target) -> the current torch name, written back on export
     wrap_reader: Callable = lambda reader: reader
+    # Top-level modules the checkpoint may lack, filled by `derive(module)` after loading (Wan2.1 only).
+    derived_when_absent: tuple = ()
+    derive: Callable | None = None
 
 
 def _transformer() -> Component:
@@ -26,6 +29,17 @@ def _transformer() -> Component:
     from helios_jax.models.transformer_config import from_diffusers_json
     return Component("transformer", transformer_keys, from_diffusers_json, HeliosTransformer3DModel,
                      "diffusion_pytorch_model", lambda key, target: transformer_keys.canonical_key(key))
+
+
+def _wan_transformer() -> Component:
+    """A Wan2.1 T2V transformer as the start of Helios training: our Helios model with the training
+    flags, its history patchers derived from patch_embedding (the Wan checkpoint has none)."""
+    from helios_jax.models.history_patches import HISTORY_PATCHERS, derive_history_patches
+    from helios_jax.models.transformer import HeliosTransformer3DModel
+    from helios_jax.models.transformer_config import from_wan_json
+    return Component("transformer", transformer_keys, from_wan_json, HeliosTransformer3DModel,
+                     "diffusion_pytorch_model", lambda key, target: transformer_keys.canonical_key(key),
+                     derived_when_absent=HISTORY_PATCHERS, derive=derive_history_patches)
 
 
 def _vae() -> Component:
@@ -43,7 +57,8 @@ def _text_encoder() -> Component:
                      text_encoder_keys.UsedTokenTable)
 
 
-CLASS_NAMES = {"HeliosTransformer3DModel": _transformer, "AutoencoderKLWan": _vae}
+CLASS_NAMES = {"HeliosTransformer3DModel": _transformer, "WanTransformer3DModel": _wan_transformer,
+               "AutoencoderKLWan": _vae}
 ARCHITECTURES = {"UMT5EncoderModel": _text_encoder}
 BY_KIND = {"transformer": _transformer, "vae": _vae, "text_encoder": _text_encoder}
 KINDS = tuple(BY_KIND)

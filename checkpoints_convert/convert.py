@@ -64,6 +64,9 @@ class ComponentPlan:
         self.folder = Path(folder)
         self.config_json = comp.read_config(self.folder)
         self.component = comp.component_of(self.folder, self.config_json, expected_kind)
+        if self.component.derive is not None:  # its config.json would not say how to restore it
+            raise CheckpointError(f"{self.folder / 'config.json'}: {self.config_json.get('_class_name')} is not "
+                                  "converted; load the folder directly (helios_jax.load / --config.model.init)")
         self.reader = StreamingFolder(self.folder)
         keep = dtype == "keep"
         config, _, _, variables = comp.build_abstract(self.component, self.folder, self.config_json,

@@ -54,7 +54,19 @@ def component_from_tensors(component: components.Component, config, tensors, *, 
     with `mesh`, each parameter is read shard by shard straight onto its devices."""
     abstract = nnx.eval_shape(lambda: component.module_class(config, rngs=nnx.Rngs(0)))
     fill = module_from_tensors if mesh is None else functools.partial(sharded_module_from_tensors, mesh=mesh)
-    return fill(abstract, component.wrap_reader(tensors), component.key_map, num_layers=config.get("num_layers", 0))
+    tensors = component.wrap_reader(tensors)
+    derived = _all_absent(component.derived_when_absent, tensors, component.key_map)
+    module = fill(abstract, tensors, component.key_map, num_layers=config.get("num_layers", 0),
+                  derived_when_absent=derived)
+    return component.derive(module) if derived else module
+
+
+def _all_absent(modules: tuple, tensors, key_map) -> tuple:
+    """`modules` when the checkpoint has no tensor in any of them (they are then derived), else ()
+    (then each is loaded, and a missing tensor is the usual error)."""
+    targets = (key_map.locate(key) for key in tensors.keys())
+    given = {t.path.split(".")[0] for t in targets if t is not None and t is not IGNORED_KEY}
+    return () if given & set(modules) else tuple(modules)
 
 
 def transformer_from_state_dict(config, tensors) -> nnx.Module:
@@ -69,18 +81,23 @@ def text_encoder_from_state_dict(config, tensors) -> nnx.Module:
     return component_from_tensors(components.BY_KIND["text_encoder"](), config, tensors)
 
 
-def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0) -> nnx.Module:
+def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0,
+                        derived_when_absent: tuple = ()) -> nnx.Module:
     """Fill an `nnx.eval_shape`d module from `tensors` (`.keys()`, `.read(key)`, optional `.file_of(key)`).
 
     `key_map` is a module of `checkpoints_convert` with `locate(key) -> Target | None` and
     `to_our_layout(array, transform)`. Every parameter must be given exactly once and unknown keys
     are an error, so a wrong checkpoint is never half loaded. Leaves whose logical axes start with
-    `layers` are stacked: a key fills one layer of them.
+    `layers` are stacked: a key fills one layer of them. Top-level modules named in
+    `derived_when_absent` are not read: their leaves are filled with NaN for the caller to derive.
     """
     graphdef, state = nnx.split(abstract)
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers)
+    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers, derived_when_absent)
     for name, var in flat.items():
+        if not sources[name]:
+            var.set_value(_absent_placeholder(var, None))
+            continue
         whole = (slice(None),) * len(var.shape)
         value = _read_slice(tensors, key_map, sources[name], components.is_stacked(var), var.dtype, whole)
         var.set_value(jnp.asarray(value))
@@ -92,24 +109,30 @@ def module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: i
 TORCH_ROWS_AXIS = {"linear": -1, "conv3d": -1, "conv2d": -1, "conv1x1": -1, "same": 0}
 
 
-def sharded_module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0, mesh) -> nnx.Module:
+def sharded_module_from_tensors(abstract: nnx.Module, tensors, key_map, *, num_layers: int = 0, mesh,
+                                derived_when_absent: tuple = ()) -> nnx.Module:
     """`module_from_tensors` onto `mesh`: every parameter becomes a jax.Array built by
     `jax.make_array_from_callback`, whose callback reads only the slice one device holds (for
     stacked parameters only the layers in its range), so no host or device holds the whole model.
     Checks (unknown, repeated, misshapen, missing tensors) happen on headers, before any read."""
     graphdef, state = nnx.split(abstract)
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers)
+    sources = _index_tensors(type(abstract).__name__, flat, tensors, key_map, num_layers, derived_when_absent)
     for name, var in flat.items():
         sharding = parallel.parameter_sharding(var, mesh)
+        if not sources[name]:
+            var.set_value(_absent_placeholder(var, sharding))
+            continue
         stacked = components.is_stacked(var)
         read = functools.partial(_read_slice, tensors, key_map, sources[name], stacked, var.dtype)
         var.set_value(jax.make_array_from_callback(tuple(var.shape), sharding, read))
     return nnx.merge(graphdef, state)
 
 
-def _index_tensors(class_name: str, flat: dict, tensors, key_map, num_layers: int) -> dict:
-    """{leaf name: {layer (-1 unstacked): (key, transform)}}, validated as module_from_tensors does."""
+def _index_tensors(class_name: str, flat: dict, tensors, key_map, num_layers: int,
+                   derived_when_absent: tuple = ()) -> dict:
+    """{leaf name: {layer (-1 unstacked): (key, transform)}}, validated as module_from_tensors does;
+    leaves of a `derived_when_absent` module that the checkpoint lacks entirely map to {}."""
     sources: dict[str, dict] = {name: {} for name in flat}
     where = getattr(tensors, "file_of", lambda key: "checkpoint")
     for key in tensors.keys():
@@ -129,11 +152,22 @@ def _index_tensors(class_name: str, flat: dict, tensors, key_map, num_layers: in
         if layer in sources[target.path]:
             raise CheckpointError(f"{where(key)}: tensor {key} given twice (directly and as a legacy alias?)")
         sources[target.path][layer] = (key, target.transform)
-    missing = [name for name, var in flat.items()
-               if len(sources[name]) != (num_layers if components.is_stacked(var) else 1)]
+    missing = [name for name, var in flat.items() if name.split(".")[0] not in derived_when_absent
+               and len(sources[name]) != (num_layers if components.is_stacked(var) else 1)]
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+        source = getattr(tensors, "folder", "checkpoint")
+        raise CheckpointError(f"{source}: checkpoint is missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
     return sources
+
+
+# Fills a parameter left for `Component.derive`: NaN, so one never derived cannot pass unnoticed.
+_ABSENT = float("nan")
+
+
+def _absent_placeholder(var, sharding):
+    if sharding is None:
+        return jnp.full(var.shape, _ABSENT, var.dtype)
+    return jax.jit(lambda: jnp.full(var.shape, _ABSENT, var.dtype), out_shardings=sharding)()
 
 
 def _our_shape(tensors, key_map, key: str, transform: str) -> tuple:

@@ -1,6 +1,7 @@
 """stage_1_init (spec §7.1, §3.5, §5.2): `helios-jax train --config configs/train/stage_1_init.py[:tiny]`.
-Starts from Wan-AI/Wan2.1-T2V-14B-Diffusers/transformer (the history patchers start random) (spec §2):
-set --config.model.init to that folder (converted or diffusers format)."""
+Starts from Wan-AI/Wan2.1-T2V-14B-Diffusers/transformer (spec §2): set --config.model.init to that
+diffusers folder; the history patchers are derived from its patch_embedding (docs/training.md,
+"Starting from Wan2.1")."""
 from helios_jax.training.config import training_config
 
 

@@ -83,6 +83,36 @@ def from_diffusers_json(config_json: dict, **overrides) -> ml_collections.Config
     return transformer_config(**fields, **overrides)
 
 
+# The training flags a Helios run starts with from a Wan2.1 transformer (training spec §1 item 1);
+# every other Helios field keeps its default.
+HELIOS_TRAINING_FLAGS = dict(has_multi_term_memory_patch=True, zero_history_timestep=True, guidance_cross_attn=True)
+
+
+def wan_rope_dim(attention_head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a head's channels between t, h and w (diffusers `WanRotaryPosEmbed`)."""
+    spatial = 2 * (attention_head_dim // 6)
+    return (attention_head_dim - 2 * spatial, spatial, spatial)
+
+
+def from_wan_json(config_json: dict, **overrides) -> ml_collections.ConfigDict:
+    """Helios config from a diffusers `WanTransformer3DModel` config.json (the Wan2.1 T2V
+    transformer Helios training starts from): its shape, Wan's RoPE split and the Helios training flags.
+    The image (I2V) and learned-position paths of Wan are refused: Helios has neither."""
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if config_json.get(key) is not None:
+            raise ValueError(f"WanTransformer3DModel with {key}={config_json[key]!r} (an I2V/FLF2V model) "
+                             "is not a Helios initialisation source; use a Wan2.1 T2V transformer")
+    if config_json.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ValueError(f"WanTransformer3DModel qk_norm={config_json['qk_norm']!r}: only rms_norm_across_heads "
+                         "is implemented")
+    fields = {k: v for k, v in config_json.items() if k in DIFFUSERS_FIELDS and k != "added_kv_proj_dim"}
+    if fields.get("out_channels") is None:  # Wan: out_channels or in_channels
+        fields["out_channels"] = fields.get("in_channels", DIFFUSERS_FIELDS["in_channels"])
+    head_dim = fields.get("attention_head_dim", DIFFUSERS_FIELDS["attention_head_dim"])
+    return transformer_config(**{**fields, "rope_dim": wan_rope_dim(head_dim), **HELIOS_TRAINING_FLAGS,
+                                 **overrides})
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     for key in OFFICIAL_ONLY_UNSUPPORTED:
         if config.get(key):

@@ -1,9 +1,9 @@
 """The transformer a training run starts from: config.model.config names its shape (a preset, a
 config .py file, or a folder with config.json), config.model.init its weights ("" = random init
-from config.train.seed, else a converted or diffusers transformer folder), placed on the mesh."""
+from config.train.seed, else a converted or diffusers Helios transformer folder, or a diffusers
+Wan2.1 T2V transformer folder whose history patchers are then derived), placed on the mesh."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_collections
@@ -11,7 +11,7 @@ from flax import nnx
 
 from helios_jax import parallel
 from helios_jax.models.transformer import HeliosTransformer3DModel
-from helios_jax.models.transformer_config import PRESETS, from_diffusers_json, preset
+from helios_jax.models.transformer_config import PRESETS, preset
 
 
 def model_config_of(config) -> ml_collections.ConfigDict:
@@ -25,8 +25,10 @@ def model_config_of(config) -> ml_collections.ConfigDict:
         model_config = load_config(name)
         model_config.update(execution)
         return model_config
-    if (path / "config.json").is_file():
-        return from_diffusers_json(json.loads((path / "config.json").read_text()), **execution)
+    if (path / "config.json").is_file():  # a Helios or Wan2.1 transformer folder (Wan: + Helios training flags)
+        from checkpoints_convert import components
+        config_json = components.read_config(path)
+        return components.component_of(path, config_json, "transformer").config_of(config_json, **execution)
     raise ValueError(f"config.model.config: {name!r} is not a preset ({', '.join(PRESETS)}), "
                      "a config .py file or a folder with config.json")
 
