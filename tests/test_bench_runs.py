@@ -9,7 +9,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def test_transformer_bench_prints_rate_and_ratios():
     result = subprocess.run(
         [sys.executable, str(BENCH / "transformer.py"), "--config", "tiny", "--latent-size", "3,8,8",
-         "--iters", "1", "--torch-baseline"],
+         "--iters", "1", "--attention", "xla", "--torch-baseline"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
