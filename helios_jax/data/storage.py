@@ -1,4 +1,4 @@
-"""The stored latent dataset: a TFDS dataset (ArrayRecord shards, no pickle, no TensorFlow needed).
+"""The stored latent dataset: a TFDS dataset (ArrayRecord shards of serialized tensors; no TensorFlow needed).
 
 One record per clip:
   vae_latent   float32 [N, z, 9, h, w]  N independently encoded 33-frame chunks, normalized latents

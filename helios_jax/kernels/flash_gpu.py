@@ -33,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from helios_jax.kernels.attention_inputs import check_qkv
+
 LOG2_E = math.log2(math.e)
 
 # H100, head dim 128, bf16: a 128-row q tile keeps the tensor cores busy, 64-key tiles keep the
@@ -95,21 +97,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
 
 
 def _check_inputs(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4:
-            raise ValueError(f"flash_attention {name} must be [B, L, H, D], got shape {t.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"flash_attention k and v must have one shape, got {k.shape} and {v.shape}")
-    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"flash_attention q {q.shape} and k {k.shape} differ in batch, heads or head dim")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v)
     head_dim = q.shape[3]
     if head_dim < MIN_BLOCK or head_dim & (head_dim - 1):
         raise ValueError(f"flash_attention head dim (q.shape[3]) must be a power of two >= {MIN_BLOCK}, "
                          f"got {head_dim}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"flash_attention needs non-empty sequences, got q {q.shape} and k {k.shape}")
 
 
 def _fit_block(block: int, length: int) -> int:

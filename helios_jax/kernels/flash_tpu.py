@@ -22,6 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, PartitionSpec
 
+from helios_jax.kernels.attention_inputs import check_qkv
+
 DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
 LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
@@ -96,15 +98,7 @@ def _local_attention(q, k, v, *, block_q, block_k, interpret):
 
 
 def _check_inputs(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4:
-            raise ValueError(f"flash_attention: {name} must be [batch, length, heads, head_dim]; got shape {t.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have one shape; got {k.shape} and {v.shape}")
-    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} differ in batch, heads or head_dim")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v)
 
 
 def _round_up(n: int, multiple: int) -> int:
