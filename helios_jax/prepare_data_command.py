@@ -15,11 +15,13 @@ SPATIAL_MULTIPLE = 16  # 8x VAE downsampling, then the transformer's 2x2 patches
 def add_command(commands) -> None:
     prepare = commands.add_parser(
         "prepare-data", help="encode videos + captions into a latent dataset for training",
-        description="Read the clips listed in --metadata (toy_filter.json format) from --videos, encode each "
-        "33-frame chunk with the VAE and each caption with the text encoder, and write ArrayRecord shards "
-        "to --out (a new folder).")
-    prepare.add_argument("--metadata", required=True, help="JSON list of clips (path, cut, crop, fps, num_frames, resolution, cap)")
-    prepare.add_argument("--videos", required=True, help="folder the clips' paths are relative to")
+        description="Read the clips listed in a toy_filter.json-format file, encode each 33-frame chunk with "
+        "the VAE and each caption with the text encoder, and write ArrayRecord shards to --out (a new folder). "
+        "--videos FILE.json takes the clips' paths relative to the file's folder; --videos DIR --metadata FILE.json "
+        "relative to DIR.")
+    prepare.add_argument("--videos", required=True, help="the clips' JSON list (path, cut, crop, fps, num_frames, "
+                         "resolution, cap), or the folder their paths are relative to (then give --metadata)")
+    prepare.add_argument("--metadata", help="the clips' JSON list when --videos is a folder")
     prepare.add_argument("--model", required=True, help="Helios model folder (vae/, text_encoder/, tokenizer/) or 'tiny-random'")
     prepare.add_argument("--out", required=True, help="dataset folder to create (must not exist)")
     prepare.add_argument("--height", type=int, default=384, help="pixel height of the stored clips")
@@ -53,8 +55,12 @@ def run(args, overrides) -> None:
     out, videos = Path(args.out), Path(args.videos)
     if out.exists():
         raise FileExistsError(f"{out}: already exists (choose a new --out folder)")
+    if videos.is_file() and args.metadata is None:  # --videos FILE.json: paths relative to its folder
+        args.metadata, videos = str(videos), videos.parent
     if not videos.is_dir():
-        raise FileNotFoundError(f"{videos}: no such videos folder")
+        raise FileNotFoundError(f"{videos}: no such videos folder or clips JSON file")
+    if args.metadata is None:
+        raise ValueError(f"--videos {videos} is a folder: give the clips' JSON list with --metadata")
     clips = read_clips(args.metadata)
     _check_unique_ids(args.metadata, clips)
     for clip in clips:  # a clip that cannot hold one chunk is bad input, not a filtered-out clip

@@ -3,7 +3,7 @@
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints (after a
 preemption, on every host). The model gets LoRA per `config.lora` (spec §3.5) and trains the
 stage's loss (`stage1`: flow matching with history, `stage2`: the pyramid loss) on the batches of
-`config.data.path`: a folder written by `helios-jax prepare-data`, or `synthetic` for a small fixed
+`config.data_dir`: a folder written by `helios-jax prepare-data`, or `synthetic` for a small fixed
 set of random batches in the same format (tests, and trying the loop without data).
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def run_train(args, overrides) -> None:
     config = apply_overrides(load_config(args.config), overrides)
     if config.train.stage not in STAGE_LOSSES:
         raise ValueError(f"--config.train.stage={config.train.stage!r}: must be one of {', '.join(STAGE_LOSSES)}")
-    if not config.data.path:
-        raise ValueError("--config.data.path: give a folder written by `helios-jax prepare-data` "
+    if not config.data_dir:
+        raise ValueError("--config.data_dir: give a folder written by `helios-jax prepare-data` "
                          "(or `synthetic` for random batches)")
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size {config.data.batch_size} does not split over "
@@ -54,9 +54,9 @@ def run_train(args, overrides) -> None:
     model = build_model(config, mesh)
     add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
              patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
-             rngs=nnx.Rngs(int(config.train.seed) + 1))
+             rngs=nnx.Rngs(int(config.seed) + 1))
     shard_state(model, mesh)  # the new adapters (and fp32 patchers) by their logical axes
-    distributed.log(f"train: {args.config} -> {args.workdir}  {config.train.stage}  data={config.data.path}  "
+    distributed.log(f"train: {args.config} -> {args.workdir}  {config.train.stage}  data={config.data_dir}  "
                     f"mesh={dict(mesh.shape)}  LoRA rank {config.lora.rank}")
     train(config, args.workdir, model=model, loss_fn=_stage_loss(config),
           trainable_filter=trainable_filter(config.lora.history_patches), iterator=iterator, mesh=mesh,
@@ -76,7 +76,7 @@ def _batches(config):
     import jax
 
     local = config.data.batch_size // jax.process_count()
-    if config.data.path == "synthetic":
+    if config.data_dir == "synthetic":
         from helios_jax.training import synthetic
         from helios_jax.training.model_setup import model_config_of
 
@@ -84,5 +84,5 @@ def _batches(config):
                                             shard_index=jax.process_index(), shard_count=jax.process_count())
     from helios_jax.training.data import make_loader
 
-    return make_loader(config.data.path, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
+    return make_loader(config.data_dir, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
                        worker_count=int(config.data.worker_count))

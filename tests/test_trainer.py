@@ -26,7 +26,7 @@ from helios_jax.training.trainer import initial_state, make_train_step, split_mo
 from helios_jax.parallel import make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = "configs/train/stage_1_init.py:tiny"
+CONFIG = "configs/train/stage1.py:tiny"  # the api.md name (= stage_1_init.py:tiny)
 REFERENCE_STEPS = 80
 # Less LLVM optimisation: the tiny step compiles ~3x faster on CPU, and these tests are compile-bound.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -71,7 +71,7 @@ def fsdp_process(cache_dir):
 def reference_run(tmp_path_factory, cache_dir, fsdp_process):
     """An uninterrupted `helios-jax train` of REFERENCE_STEPS steps, a checkpoint every 10."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = subprocess.run(train_command(workdir, cache_dir, f"--config.train.steps={REFERENCE_STEPS}"),
+    result = subprocess.run(train_command(workdir, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),
                             env=command_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -186,15 +186,15 @@ def test_stage_configs_carry_the_spec_numbers():
     }
     for name, (lr, schedule, warmup, seed, rank, patch, ratios) in expected.items():
         config = load_config(f"configs/train/{name}.py")
-        got = (config.optimizer.lr, config.optimizer.schedule, config.optimizer.warmup_steps, config.train.seed,
+        got = (config.optimizer.lr, config.optimizer.schedule, config.optimizer.warmup_steps, config.seed,
                config.lora.rank, config.lora.patch_embedding, tuple(config.pyramid.sample_ratios))
         assert got == (lr, schedule, warmup, seed, rank, patch, ratios), name
         assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.999, 1e-8)
         assert (config.optimizer.weight_decay, config.optimizer.clip_norm) == (1e-4, 1.0)
-        assert config.train.checkpoint_every == 500 and config.lora.alpha == rank
+        assert config.checkpoint_every == 500 and config.lora.alpha == rank
         tiny = load_config(f"configs/train/{name}.py:tiny")
-        assert tiny.model.config == "tiny-random" and tiny.train.steps == 20 and tiny.train.seed == seed
-        assert tiny.data.path == "synthetic" and config.data.path == ""
+        assert tiny.model.config == "tiny-random" and tiny.total_steps == 20 and tiny.seed == seed
+        assert tiny.data_dir == "synthetic" and config.data_dir == ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def _leaf_paths(tree, prefix=()):
 
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference_run, cache_dir, tmp_path):
     kill_after = random.Random().randint(12, 30)
-    process = subprocess.Popen(train_command(tmp_path, cache_dir, f"--config.train.steps={REFERENCE_STEPS}"),
+    process = subprocess.Popen(train_command(tmp_path, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),
                                env=command_env(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 400
@@ -247,7 +247,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference_run, cac
     killed_at = logged(tmp_path)[-1]["step"]
     assert killed_at < REFERENCE_STEPS
 
-    result = subprocess.run(train_command(tmp_path, cache_dir, f"--config.train.steps={REFERENCE_STEPS}"),
+    result = subprocess.run(train_command(tmp_path, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),
                             env=command_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
@@ -267,7 +267,7 @@ def test_config_typo_is_one_line(cache_dir, tmp_path):
 
 def test_checkpoint_from_another_config_is_refused(reference_run, cache_dir):
     result = subprocess.run(train_command(reference_run, cache_dir, "--config.lora.rank=8",
-                                          f"--config.train.steps={REFERENCE_STEPS + 5}"),
+                                          f"--config.total_steps={REFERENCE_STEPS + 5}"),
                             env=command_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

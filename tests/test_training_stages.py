@@ -17,7 +17,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "latents"
-    assert main(["prepare-data", "--metadata", str(TOY / "toy_filter.json"), "--videos", str(TOY),
+    # The api.md form: --videos names the clips' JSON, whose paths are relative to its folder.
+    assert main(["prepare-data", "--videos", str(TOY / "toy_filter.json"),
                  "--model", "tiny-random", "--out", str(out), "--height", str(SIZE), "--width", str(SIZE),
                  "--min-frames", "33"]) == 0
     return out
@@ -32,8 +33,8 @@ def losses(workdir: Path) -> np.ndarray:
 def test_loss_falls_on_the_prepared_toy_videos(prepared, tmp_path, config, steps):
     workdir = tmp_path / config
     assert main(["train", "--config", f"configs/train/{config}.py:tiny", "--workdir", str(workdir),
-                 f"--config.data.path={prepared}", f"--config.train.steps={steps}",
-                 "--config.train.checkpoint_every=100000", "--config.optimizer.lr=0.002"]) == 0
+                 f"--config.data_dir={prepared}", f"--config.total_steps={steps}",
+                 "--config.checkpoint_every=100000", "--config.optimizer.lr=0.002"]) == 0
     loss = losses(workdir)
     assert len(loss) == steps and np.all(np.isfinite(loss))
     window = steps // 5
@@ -51,7 +52,7 @@ def test_missing_or_corrupt_shards_are_one_line_and_touch_nothing(prepared, tmp_
     for data, named in ((tmp_path / "absent", "absent"), (corrupt, shard.name)):
         workdir = tmp_path / f"run-{Path(data).name}"
         code = main(["train", "--config", "configs/train/stage_1_init.py:tiny", "--workdir", str(workdir),
-                     f"--config.data.path={data}"])
+                     f"--config.data_dir={data}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and named in err[0], err
         assert not workdir.exists()

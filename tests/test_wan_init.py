@@ -160,7 +160,7 @@ def test_stage_1_init_trains_from_the_wan_folder(wan, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "helios_jax", "train", "--config", "configs/train/stage_1_init.py:tiny",
          "--workdir", str(tmp_path / "run"), f"--config.model.init={folder}", f"--config.model.config={folder}",
-         "--config.train.steps=2", "--config.train.checkpoint_every=2"],
+         "--config.total_steps=2", "--config.checkpoint_every=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

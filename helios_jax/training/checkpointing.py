@@ -24,7 +24,7 @@ class Checkpoints:
         self.directory = (workdir if "://" in str(workdir) else workdir.resolve()) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(config.train.keep_checkpoints),
-            save_interval_steps=int(config.train.checkpoint_every),
+            save_interval_steps=int(config.checkpoint_every),
             enable_async_checkpointing=True,
             create=True,
         )

@@ -9,8 +9,8 @@ import ml_collections
 RESUME_GUARDED = (
     "model.config", "model.init", "model.dtype",
     "lora",
-    "train.stage", "train.seed", "train.grad_accum",
-    "data.path", "data.batch_size", "data.seed",
+    "train.stage", "seed", "train.grad_accum",
+    "data_dir", "data.batch_size", "data.seed",
     "pyramid",
 )
 
@@ -19,18 +19,23 @@ def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, 
                     lora_rank: int, patch_embedding: str, history_patches: str,
                     sample_ratios: tuple = (), batch_size: int, arg=None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # The four fields every training config has (spec api.md): where the data is, how long to train,
+    # how often to save, and the run's seed.
+    config.data_dir = ""  # a `helios-jax prepare-data` folder, or "synthetic"
+    config.total_steps = 1_000_000  # the reference's placeholder: run until stopped
+    config.checkpoint_every = 500
+    config.seed = seed
     config.model = dict(config="helios_14b", init="", dtype="bfloat16", remat_policy="full")
     config.lora = dict(rank=lora_rank, alpha=float(lora_rank), patch_embedding=patch_embedding,
                        history_patches=history_patches)
     # batch_size is global: the reference ran `batch_size` per GPU; scale it with the device count.
-    config.data = dict(path="", batch_size=batch_size, seed=seed, worker_count=4)
+    config.data = dict(batch_size=batch_size, seed=seed, worker_count=4)
     config.history = dict(drop_t2v=0.4, drop_i2v=0.0, drop_v2v=0.4, corrupt=True, corrupt_mode="noise",
                           clean_prob=0.1, noise_ratio=1 / 3, saturation=False, saturation_clean_prob=0.1)
     config.pyramid = dict(sample_ratios=tuple(sample_ratios))
     config.optimizer = dict(lr=lr, schedule=schedule, warmup_steps=warmup_steps, b1=0.9, b2=0.999, eps=1e-8,
                             weight_decay=1e-4, clip_norm=1.0)
-    config.train = dict(stage=stage, steps=1_000_000, log_every=10, checkpoint_every=500, keep_checkpoints=3,
-                        seed=seed, grad_accum=1)
+    config.train = dict(stage=stage, log_every=10, keep_checkpoints=3, grad_accum=1)
     config.mesh = dict(data=1, fsdp=-1, tensor=1, seq=1)
     if arg == "tiny":
         shrink_to_tiny(config)
@@ -42,12 +47,13 @@ def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, 
 def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     """The tiny random transformer, a small batch and a few steps: CPU tests and the demo."""
     config.model.update(config="tiny-random", dtype="float32", remat_policy="none")
-    if not config.data.path:
-        config.data.path = "synthetic"  # random batches in the loader's format; point it at prepared data
+    if not config.data_dir:
+        config.data_dir = "synthetic"  # random batches in the loader's format; point it at prepared data
     config.lora.update(rank=4, alpha=4.0)
     config.data.update(batch_size=2, worker_count=0)
     config.optimizer.update(lr=1e-3, warmup_steps=min(config.optimizer.warmup_steps, 5))
-    config.train.update(steps=20, log_every=1, checkpoint_every=10, keep_checkpoints=2)
+    config.update(total_steps=20, checkpoint_every=10)
+    config.train.update(log_every=1, keep_checkpoints=2)
 
 
 def flatten(config) -> dict:

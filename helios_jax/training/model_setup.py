@@ -1,6 +1,6 @@
 """The transformer a training run starts from: config.model.config names its shape (a preset, a
 config .py file, or a folder with config.json), config.model.init its weights ("" = random init
-from config.train.seed, else a converted or diffusers Helios transformer folder, or a diffusers
+from config.seed, else a converted or diffusers Helios transformer folder, or a diffusers
 Wan2.1 T2V transformer folder whose history patchers are then derived), placed on the mesh."""
 from __future__ import annotations
 
@@ -43,5 +43,5 @@ def build_model(config, mesh) -> HeliosTransformer3DModel:
                                                         "remat_policy": config.model.remat_policy})
         return model
     model_config = model_config_of(config)
-    seed = int(config.train.seed)
+    seed = int(config.seed)
     return parallel.init_sharded(lambda: HeliosTransformer3DModel(model_config, rngs=nnx.Rngs(seed)), mesh)

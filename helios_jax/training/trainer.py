@@ -165,7 +165,7 @@ def abstract_of(tree):
 
 def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filter, iterator,
           mesh: Mesh, uses_history: bool = True) -> TrainState:
-    """Run config.train.steps optimizer steps (resuming from the latest checkpoint in
+    """Run config.total_steps optimizer steps (resuming from the latest checkpoint in
     WORKDIR/checkpoints if there is one). `model` is already placed on `mesh`; `iterator` yields
     this process's rows of each global batch and has get_state / set_state (grain)."""
     workdir = epath.Path(workdir)
@@ -179,7 +179,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     split, master = split_model(model, trainable_filter)
     frozen, model_config = split.frozen, model.config
     del model  # its arrays live on in `master` / `frozen`
-    state = initial_state(master, optimizer, int(config.train.seed), mesh)
+    state = initial_state(master, optimizer, int(config.seed), mesh)
 
     checkpoints = Checkpoints(workdir, config)
     latest = checkpoints.latest_step()
@@ -193,7 +193,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(split, loss_fn, optimizer, grad_accum),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-    steps, log_every = int(config.train.steps), int(config.train.log_every)
+    steps, log_every = int(config.total_steps), int(config.train.log_every)
     peak = peak_flops(jax.devices()[0])
     cost = None
     since, since_step = time.perf_counter(), int(state.step)
