@@ -31,7 +31,11 @@ def build_reference(seed: int = 0, **config) -> TorchHelios:
     """A diffusers transformer in fp32 with every parameter random, including the ones that start at
     zero or one (norm weights and biases), so no path is trivially the identity or zero."""
     torch.manual_seed(seed)
-    model = TorchHelios(**{**TINY_DIFFUSERS, **config}).eval()
+    return rerandomise(TorchHelios(**{**TINY_DIFFUSERS, **config}).eval())
+
+
+def rerandomise(model):
+    """Norm weights near 1, biases and modulation tables near 0 but random (in place; returns model)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):

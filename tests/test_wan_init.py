@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import helios_jax
 from checkpoints_convert.safetensors_folder import CheckpointError
-from tests.diffusers_reference import relative_error, run_reference
+from tests.diffusers_reference import relative_error, rerandomise, run_reference
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny Helios shape (transformer_config.TINY) as a Wan model; text_dim 64 matches tiny-random's data.
@@ -31,13 +31,7 @@ def wan(tmp_path_factory):
     """A random fp32 Wan transformer (norm weights, biases and tables re-randomised so none is
     trivially 1 or 0) and the folder diffusers saved it to."""
     torch.manual_seed(0)
-    reference = WanTransformer3DModel(**TINY_WAN).eval()
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias") or "scale_shift_table" in name:
-                p.copy_(0.2 * torch.randn_like(p))
+    reference = rerandomise(WanTransformer3DModel(**TINY_WAN).eval())
     folder = tmp_path_factory.mktemp("wan") / "transformer"
     reference.save_pretrained(folder, safe_serialization=True)
     return reference, folder

@@ -1,17 +1,7 @@
-"""Stage 2 (spec training.md §5): `helios-jax train --config configs/train/stage2.py[:ARGS]`.
-
-ARGS, comma-separated: `post` for the low-LR refinement run (stage_2_post.py; default: the
-high-LR stage_2_init.py run), `tiny` for the tiny CPU model. `stage2.py:tiny` is stage_2_init.py:tiny.
-"""
-from pathlib import Path
-
-from helios_jax.config_flags import load_config
+"""Stage 2: `helios-jax train --config configs/train/stage2.py[:ARGS]`, ARGS comma-separated:
+`post` for stage_2_post.py (default stage_2_init.py), `tiny` for the tiny CPU model."""
+from helios_jax.training.config import stage_run
 
 
 def get_config(arg=None):
-    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = args - {"post", "tiny"}
-    if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; use post and/or tiny")
-    phase = "post" if "post" in args else "init"
-    return load_config(f"{Path(__file__).parent / f'stage_2_{phase}.py'}{':tiny' if 'tiny' in args else ''}")
+    return stage_run(2, arg)

@@ -78,3 +78,16 @@ def guarded_differences(saved: dict, current: dict) -> list[str]:
     names = sorted(n for n in set(saved) | set(current) if guarded(n))
     return [f"{n} ({saved.get(n, '<absent>')!r} -> {current.get(n, '<absent>')!r})"
             for n in names if saved.get(n) != current.get(n)]
+
+
+def stage_run(stage: int, arg=None) -> ml_collections.ConfigDict:
+    """configs/train/stage{N}.py (the api.md names): ARG is comma-separated `post` (the low-LR
+    refinement run, stage_{N}_post.py; default the stage_{N}_init.py run) and/or `tiny`."""
+    from helios_jax.config_flags import REPO_CONFIGS, load_config
+
+    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    unknown = args - {"post", "tiny"}
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; use post and/or tiny")
+    phase = "post" if "post" in args else "init"
+    return load_config(f"{REPO_CONFIGS / 'train' / f'stage_{stage}_{phase}.py'}{':tiny' if 'tiny' in args else ''}")
