@@ -12,6 +12,8 @@ RESUME_GUARDED = (
     "train.stage", "seed", "train.grad_accum",
     "data_dir", "data.batch_size", "data.seed",
     "pyramid",
+    # Stage 3: the critic's adapters and heads are in the checkpoint, the score backbone shapes them
+    "critic", "score.init", "gan.enabled", "gan.hooks", "gan.cond_map_dim",
 )
 
 
