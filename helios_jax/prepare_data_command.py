@@ -31,6 +31,16 @@ def add_command(commands) -> None:
     prepare.set_defaults(run=run)
 
 
+NEGATIVE_PROMPT_EMBED = "negative_prompt_embed"
+# The training config's default negative prompt (reference helios/utils/train_config.py), the real
+# score's unconditional text in Stage 3b.
+TRAINING_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+
+
 def run(args, overrides) -> None:
     import warnings
 
@@ -88,7 +98,9 @@ def run(args, overrides) -> None:
             yield {"vae_latent": latents, "prompt_embed": encode_caption(text_encoder, clip.caption),
                    "caption": clip.caption, "id": clip.id}
 
-    write_dataset(out, examples())
+    # The training negative prompt's embedding: Stage 3b's real score runs classifier-free guidance.
+    negative = np.asarray(text_encoder.encode([TRAINING_NEGATIVE_PROMPT])[0], np.float32)
+    write_dataset(out, examples(), extras={NEGATIVE_PROMPT_EMBED: negative})
     log(f"wrote {len(selected)} clips to {out}")
 
 

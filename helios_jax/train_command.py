@@ -23,6 +23,7 @@ def add_command(commands) -> None:
 
 
 STAGE_LOSSES = ("stage1", "stage2")
+DISTILL_STAGES = ("stage3_dmd",)
 
 
 def run_train(args, overrides) -> None:
@@ -38,8 +39,9 @@ def run_train(args, overrides) -> None:
     from helios_jax.training.trainer import train
 
     config = apply_overrides(load_config(args.config), overrides)
-    if config.train.stage not in STAGE_LOSSES:
-        raise ValueError(f"--config.train.stage={config.train.stage!r}: must be one of {', '.join(STAGE_LOSSES)}")
+    stages = STAGE_LOSSES + DISTILL_STAGES
+    if config.train.stage not in stages:
+        raise ValueError(f"--config.train.stage={config.train.stage!r}: must be one of {', '.join(stages)}")
     if not config.data_dir:
         raise ValueError("--config.data_dir: give a folder written by `helios-jax prepare-data` "
                          "(or `synthetic` for random batches)")
@@ -52,6 +54,8 @@ def run_train(args, overrides) -> None:
     existing.close()
     mesh = make_mesh(**{axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor", "seq")})
     model = build_model(config, mesh)
+    if config.train.stage in DISTILL_STAGES:
+        return _run_dmd(args, config, model, iterator, mesh)
     add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
              patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
              rngs=nnx.Rngs(int(config.seed) + 1))
@@ -61,6 +65,58 @@ def run_train(args, overrides) -> None:
     train(config, args.workdir, model=model, loss_fn=_stage_loss(config),
           trainable_filter=trainable_filter(config.lora.history_patches), iterator=iterator, mesh=mesh,
           uses_history=True)
+
+
+def _run_dmd(args, config, generator, iterator, mesh) -> None:
+    """Stage 3b: the generator (config.model) with its LoRA, the critic = the score backbone
+    (config.score.init; random from seed + 1 when empty) with its own LoRA and, in the GAN
+    version, the discriminator heads."""
+    import ml_collections
+    import numpy as np
+    from flax import nnx
+
+    from helios_jax.parallel import shard_state
+    from helios_jax.training.dmd import Critic
+    from helios_jax.training.dmd_trainer import train_dmd
+    from helios_jax.training.gan_heads import GanHeads
+    from helios_jax.training.lora import add_lora
+    from helios_jax.training.model_setup import build_model
+
+    add_lora(generator, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
+             rngs=nnx.Rngs(int(config.seed) + 1))
+    score_config = ml_collections.ConfigDict(config.to_dict())
+    score_config.model.init = config.score.init
+    score_config.seed = int(config.seed) + 1  # a random score backbone differs from the generator's
+    backbone = build_model(score_config, mesh)
+    add_lora(backbone, rank=int(config.critic.lora_rank), alpha=float(config.critic.lora_alpha),
+             rngs=nnx.Rngs(int(config.seed) + 2))
+    heads = None
+    if config.gan.enabled:
+        model_config = backbone.config
+        heads = GanHeads(model_config.num_attention_heads * model_config.attention_head_dim, model_config.out_channels,
+                         int(config.gan.cond_map_dim), hooks=tuple(config.gan.hooks), rngs=nnx.Rngs(int(config.seed) + 3))
+    critic = Critic(backbone, heads)
+    shard_state(generator, mesh)
+    shard_state(critic, mesh)
+    negative = _negative_prompt_embeds(config, generator.config)
+    distributed.log(f"train: {args.config} -> {args.workdir}  stage3_dmd  data={config.data_dir}  "
+                    f"mesh={dict(mesh.shape)}  LoRA rank {config.lora.rank} / critic {config.critic.lora_rank}  "
+                    f"GAN {'on from step ' + str(config.gan.start_step) if heads else 'off'}")
+    train_dmd(config, args.workdir, generator=generator, critic=critic, iterator=iterator, mesh=mesh,
+              negative_prompt_embeds=np.asarray(negative, np.float32))
+
+
+def _negative_prompt_embeds(config, model_config):
+    """The real score's unconditional text: stored by prepare-data, or a fixed random one for synthetic data."""
+    import numpy as np
+
+    if config.data_dir == "synthetic":
+        return np.random.default_rng(int(config.data.seed) + 7).standard_normal((8, model_config.text_dim))
+    from helios_jax.data.storage import read_extra
+    from helios_jax.prepare_data_command import NEGATIVE_PROMPT_EMBED
+
+    return read_extra(config.data_dir, NEGATIVE_PROMPT_EMBED)
 
 
 def _stage_loss(config):
@@ -81,8 +137,9 @@ def _batches(config):
         from helios_jax.training.model_setup import model_config_of
 
         return synthetic.synthetic_iterator(model_config_of(config), batch_size=local, seed=int(config.data.seed),
-                                            shard_index=jax.process_index(), shard_count=jax.process_count())
+                                            shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                            paired=config.train.stage in DISTILL_STAGES)
     from helios_jax.training.data import make_loader
 
     return make_loader(config.data_dir, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
-                       worker_count=int(config.data.worker_count))
+                       worker_count=int(config.data.worker_count), paired=config.train.stage in DISTILL_STAGES)

@@ -33,7 +33,10 @@ def _tfds():
     return tfds
 
 
-def write_dataset(out: str | Path, examples: Iterable[dict]) -> Path:
+EXTRAS_FILE = "extras.safetensors"  # dataset-wide arrays, e.g. the negative prompt's embedding
+
+
+def write_dataset(out: str | Path, examples: Iterable[dict], extras: dict[str, np.ndarray] | None = None) -> Path:
     """Write `examples` (dicts with the keys above) to the dataset folder `out`, all or nothing.
 
     Shapes come from the first example; later ones must match except for N (chunks per clip). The
@@ -69,6 +72,11 @@ def write_dataset(out: str | Path, examples: Iterable[dict]) -> Path:
             if raised:
                 raise raised[0] from None
             raise
+        if extras:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in extras.items()},
+                      str(staging / DATASET_NAME / VERSION / EXTRAS_FILE))
         os.replace(staging / DATASET_NAME / VERSION, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -175,6 +183,19 @@ class LatentDataset:
 
     def __repr__(self) -> str:
         return f"LatentDataset({str(self.path)!r}, {len(self)} clips)"
+
+
+def read_extra(path: str | Path, name: str) -> np.ndarray:
+    """A dataset-wide array `write_dataset(..., extras=)` stored; a clear error when it is absent."""
+    file = Path(path) / EXTRAS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; {name} is written by `helios-jax prepare-data` (re-run it)")
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(file))
+    if name not in arrays:
+        raise KeyError(f"{file}: has no {name} (re-run `helios-jax prepare-data`)")
+    return arrays[name]
 
 
 def _text(value) -> str:

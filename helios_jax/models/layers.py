@@ -5,6 +5,8 @@ parameter dtype with fp32 accumulation, elementwise activations in fp32 before r
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -80,12 +82,30 @@ def normal(stddev: float):
     return init
 
 
+# Whether adapters apply. Read while tracing: a forward traced inside `adapters_disabled()` is the
+# base model, so one backbone serves as the frozen teacher and, with its LoRA, as the critic.
+_ADAPTERS_ENABLED = contextvars.ContextVar("helios_adapters_enabled", default=True)
+
+
+@contextlib.contextmanager
+def adapters_disabled():
+    """Run (trace) forwards without any LoRA adapter: PEFT's `disable_adapter()`."""
+    token = _ADAPTERS_ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ADAPTERS_ENABLED.reset(token)
+
+
 def add_adapter(layer: nnx.Module, y: jax.Array, equation: str, x: jax.Array) -> jax.Array:
     """y plus the low-rank update of an adapter attached as `layer.lora` (helios_jax.training.lora),
-    if any. `equation` contracts the layer's input with the adapter's down projection the way the
-    layer contracts it with its kernel, so one adapter class serves Dense and PatchEmbed."""
+    if any and adapters are enabled. `equation` contracts the layer's input with the adapter's down
+    projection the way the layer contracts it with its kernel, so one adapter class serves Dense and
+    PatchEmbed."""
     adapter = getattr(layer, "lora", None)
-    return y if adapter is None else y + adapter(equation, x, layer.dtype)
+    if adapter is None or not _ADAPTERS_ENABLED.get():
+        return y
+    return y + adapter(equation, x, layer.dtype)
 
 
 class Dense(nnx.Module):

@@ -240,7 +240,11 @@ class HeliosTransformer3DModel(nnx.Module):
         indices_latents_history_short=None,
         indices_latents_history_mid=None,
         indices_latents_history_long=None,
+        feature_layers: tuple[int, ...] = (),
     ):
+        """The velocity [B, C, T, H, W]; with `feature_layers` (block indices) also the current
+        tokens after each of those blocks as [B, T', H', W', dim] on the post-patch grid (the
+        GAN discriminator's features, spec training.md §6.3)."""
         config = self.config
         batch = hidden_states.shape[0]
         patch_t, patch_h, patch_w = config.patch_size
@@ -278,13 +282,20 @@ class HeliosTransformer3DModel(nnx.Module):
             history_projection = history_projection[0]
         modulation = Modulation(history_projection, projection, history_length)
 
-        x = self._run_blocks(x, context, modulation, rotary, current_length)
+        x, per_layer = self._run_blocks(x, context, modulation, rotary, current_length, bool(feature_layers))
 
         # Output head on the current tokens, then unpatchify to [B, C, T, H, W].
         x = self.proj_out(self.norm_out(x[:, -current_length:], temb))
         x = x.reshape(batch, grid_t, grid_h, grid_w, patch_t, patch_h, patch_w, -1)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(batch, -1, grid_t * patch_t, grid_h * patch_h, grid_w * patch_w)
+        x = x.reshape(batch, -1, grid_t * patch_t, grid_h * patch_h, grid_w * patch_w)
+        if not feature_layers:
+            return x
+        for layer in feature_layers:
+            if not 0 <= layer < config.num_layers:
+                raise ValueError(f"feature_layers: block {layer} is outside the model's {config.num_layers} blocks")
+        features = [per_layer[layer].reshape(batch, grid_t, grid_h, grid_w, -1) for layer in feature_layers]
+        return x, features
 
     def _history_terms(self, batch, short, mid, long):
         """(tokens, cos, sin) for each history term given, in the order short, mid, long."""
@@ -315,20 +326,21 @@ class HeliosTransformer3DModel(nnx.Module):
             terms.append((patch(_channels_last(latents)), rope.pool_table(cos, pool), rope.pool_table(sin, pool)))
         return [tuple(rope.flatten_tokens(a) for a in term) for term in terms]
 
-    def _run_blocks(self, x, context, modulation, rotary, current_length):
+    def _run_blocks(self, x, context, modulation, rotary, current_length, keep_current: bool = False):
+        """x after every block; with `keep_current` also each block's current tokens, stacked [layers, B, L_c, D]."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, block_state):
             block = nnx.merge(graphdef, block_state)
-            return constrain(block(carry, context, modulation, rotary, current_length), TOKEN_AXES), None
+            out = constrain(block(carry, context, modulation, rotary, current_length), TOKEN_AXES)
+            return out, (out[:, -current_length:] if keep_current else None)
 
         policy = self.config.remat_policy
         if policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}; got {policy!r}")
         if policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
-        return x
+        return jax.lax.scan(body, x, state)
 
 
 def _stacked_blocks(config, rngs: nnx.Rngs) -> HeliosBlock:

@@ -85,19 +85,30 @@ class EpochSampler:
 
 
 class _ChunkSample(grain.transforms.RandomMap):
-    """A stored clip -> one training sample (the rng is the sampler's (seed, epoch, record) generator)."""
+    """A stored clip -> one training sample (the rng is the sampler's (seed, epoch, record) generator).
+    `paired`: also a second, independently drawn chunk of the same clip under keys ending in `_2`
+    (Stage 3b: sample A drives the generator, sample B the critic, spec §8.3)."""
+
+    def __init__(self, paired: bool = False):
+        self.paired = paired
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        chunk = int(rng.integers(record["vae_latent"].shape[0]))
-        return {**build_sample(record["vae_latent"], chunk), "prompt_embeds": record["prompt_embed"]}
+        chunks = record["vae_latent"].shape[0]
+        sample = {**build_sample(record["vae_latent"], int(rng.integers(chunks))), "prompt_embeds": record["prompt_embed"]}
+        if self.paired:
+            second = build_sample(record["vae_latent"], int(rng.integers(chunks)))
+            sample.update({f"{k}_2": v for k, v in second.items()}, prompt_embeds_2=record["prompt_embed"])
+        return sample
 
 
 def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                worker_count: int = 0, shard_options: grain.sharding.ShardOptions | None = None):
+                worker_count: int = 0, shard_options: grain.sharding.ShardOptions | None = None,
+                paired: bool = False):
     """An iterator of batches {x0_latents [B,z,1,h,w], history_latents [B,z,19,h,w], target_latents
     [B,z,9,h,w], prompt_embeds [B,512,D]} (numpy float32), B = batch_size / number of shards.
 
-    `batch_size` is global. `shard_options` defaults to one shard per JAX process (equal shards: a
+    `paired` adds a second chunk of each clip (x0_latents_2, history_latents_2, target_latents_2,
+    prompt_embeds_2) for Stage 3b. `batch_size` is global. `shard_options` defaults to one shard per JAX process (equal shards: a
     remainder of records is left out so every host takes the same number of steps). num_epochs=None
     repeats forever; a partial last batch is dropped. The iterator has get_state() / set_state().
     """
@@ -117,7 +128,7 @@ def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool =
     loader = grain.DataLoader(
         data_source=dataset,
         sampler=sampler,
-        operations=[_ChunkSample(), grain.transforms.Batch(batch_size // shards, drop_remainder=True)],
+        operations=[_ChunkSample(paired), grain.transforms.Batch(batch_size // shards, drop_remainder=True)],
         worker_count=worker_count,
         shard_options=shard_options,
     )

@@ -56,7 +56,8 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
         if not ode:
             config.critic.update(lora_rank=4, lora_alpha=4.0)
             config.critic_optimizer.update(lr=1e-3)
-            config.gan.update(start_step=0, hooks=(0, 1), cond_map_dim=32)
+            # 64 channels = 2 per GroupNorm group: with one, the tiny maps (1x1x1 after the strides) normalise to 0.
+            config.gan.update(start_step=0, hooks=(0, 1), cond_map_dim=64)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; the only one is 'tiny'")
     return config

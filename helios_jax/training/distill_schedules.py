@@ -91,3 +91,13 @@ def sample_score_timesteps(key, batch: int, *, step, kind: str, mu: float, a0: f
         raise ValueError(f"score timestep sampler must be 'beta' or 'uniform'; got {kind!r}")
     t = 1000.0 * linear_shift(r, mu)
     return jnp.round(jnp.clip(t, SCORE_T_MIN, SCORE_T_MAX))
+
+
+def stage_sigma_table(stage: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of pyramid stage `stage` on its 1000-point local grid, linearly shifted
+    with the training-side mu of a height x width latent: the table the reference's
+    convert_flow_pred_to_x0 / add_noise look sigma up in (t = t_min + sigma' (t_max - t_min))."""
+    window = tables.stage_constants(distilled_scheduler()).windows[stage]
+    sigmas = linear_shift(np.asarray(window.sigmas, np.float64), training_mu(height, width))
+    t_min, t_max = window.timesteps.min(), window.timesteps.max()
+    return t_min + sigmas * (t_max - t_min), sigmas

@@ -19,7 +19,8 @@ class EMAState(NamedTuple):
 
 
 def ema_init(params) -> EMAState:
-    return EMAState(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params), jnp.zeros((), jnp.int32))
+    # A copy (jnp.array), never an alias of the parameters: the train step donates both.
+    return EMAState(jax.tree.map(lambda p: jnp.array(p, jnp.float32), params), jnp.zeros((), jnp.int32))
 
 
 def ema_decay(update: jax.Array, *, decay: float, update_after_step: int) -> jax.Array:

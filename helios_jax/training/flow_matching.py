@@ -25,12 +25,17 @@ def sample_flow_sigmas(key: jax.Array, batch: int) -> jax.Array:
 
 
 def predict_velocity(model, latents: jax.Array, timestep: jax.Array, prompt_embeds: jax.Array,
-                     history_inputs: dict) -> jax.Array:
+                     history_inputs: dict, feature_layers: tuple[int, ...] = ()):
     """One transformer forward on a noisy chunk with its history, called as the sampler calls it;
-    inputs in the model's dtype, the velocity back in fp32."""
+    inputs in the model's dtype, the velocity back in fp32 (with `feature_layers`: and the blocks'
+    features, see the transformer)."""
     dtype = getattr(model, "dtype", jnp.float32)
-    velocity = model(latents.astype(dtype), timestep, jnp.asarray(prompt_embeds).astype(dtype), **history_inputs)
-    return velocity.astype(jnp.float32)
+    extra = {"feature_layers": tuple(feature_layers)} if feature_layers else {}
+    out = model(latents.astype(dtype), timestep, jnp.asarray(prompt_embeds).astype(dtype), **history_inputs, **extra)
+    if feature_layers:
+        velocity, features = out
+        return velocity.astype(jnp.float32), features
+    return out.astype(jnp.float32)
 
 
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:

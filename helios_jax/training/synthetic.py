@@ -47,10 +47,16 @@ def synthetic_samples(model_config, *, count: int = 16, latent_hw=(8, 8), text_t
     return samples
 
 
-def synthetic_iterator(model_config, *, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1):
+def synthetic_iterator(model_config, *, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                       paired: bool = False):
     """Endless shuffled batches of `synthetic_samples` (this process's shard of each global batch);
-    a grain DatasetIterator with get_state / set_state."""
-    samples = synthetic_samples(model_config, seed=seed)
+    a grain DatasetIterator with get_state / set_state. `paired`: each sample also carries the next
+    sample under keys ending in `_2` (the loader's Stage-3b format)."""
+    # Stage 3b crops to half size and its GAN heads stride twice more: 16x16 latents keep every map non-empty.
+    samples = synthetic_samples(model_config, seed=seed, latent_hw=(16, 16) if paired else (8, 8))
+    if paired:
+        samples = [{**a, **{f"{k}_2": v for k, v in samples[(i + 1) % len(samples)].items()}}
+                   for i, a in enumerate(samples)]
     dataset = (grain.MapDataset.source(samples)
                .shuffle(seed=seed)
                .repeat()
