@@ -157,7 +157,7 @@ def model_config(name: str, task: str, attention: str = "xla"):
         raise AotError(f"--attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
     # Training keeps only each block's input across the scan (full remat): memory flat in depth.
     # The host traces on its CPU backend, where "auto" would mean xla: the kernel is named explicitly.
-    training = task in ("train", "stage1")
+    training = task in TRAINING_TASKS
     return transformer_config.preset(name, remat_policy="full" if training else "none", attention_impl=attention)
 
 
@@ -324,6 +324,103 @@ def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
     return jitted, (train_state, frozen, batch_inputs), 3 * batch * forward_flops(config)
 
 
+def stage3_step(kind: str):
+    """The Stage-3b updates of `helios-jax train` with configs/train/stage_3_post_gan.py (the GAN
+    version, the larger one): `generator` = backward-simulation roll-out + DMD + GAN generator loss
+    and its AdamW step; `critic` = no-grad roll-out + denoising + discriminator/R1 loss and its step
+    (with the EMA update). Two frozen 14B backbones in bf16 (generator; score = teacher + critic),
+    LoRA r256 + the GAN heads in fp32 with their moments, all FSDP-sharded."""
+
+    def build(graphdef, state, config, mesh: Mesh, batch: int):
+        from helios_jax.config_flags import REPO_CONFIGS, load_config
+        from helios_jax.models.transformer import HeliosTransformer3DModel
+        from helios_jax.training.dmd import Critic
+        from helios_jax.training.dmd_trainer import DistillState, critic_filter, make_distill_steps
+        from helios_jax.training.ema import EMAState
+        from helios_jax.training.gan_heads import GanHeads
+        from helios_jax.training.lora import add_lora, trainable_filter
+        from helios_jax.training.optimizer import make_optimizer
+
+        del graphdef, state  # both backbones are rebuilt with their adapters
+        train_config = load_config(str(REPO_CONFIGS / "train" / "stage_3_post_gan.py"))
+        if max(train_config.gan.hooks) >= config.num_layers:  # the tiny model: hook its first and last block
+            train_config.gan.update(hooks=(0, config.num_layers - 1), cond_map_dim=64)
+        lora, critic_lora, gan = train_config.lora, train_config.critic, train_config.gan
+        dim = config.num_attention_heads * config.attention_head_dim
+
+        def generator():
+            return add_lora(HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)), rank=int(lora.rank),
+                            alpha=float(lora.alpha), patch_embedding=lora.patch_embedding,
+                            history_patches=lora.history_patches, rngs=nnx.Rngs(1))
+
+        def critic():
+            backbone = add_lora(HeliosTransformer3DModel(config, rngs=nnx.Rngs(2)), rank=int(critic_lora.lora_rank),
+                                alpha=float(critic_lora.lora_alpha), rngs=nnx.Rngs(3))
+            heads = GanHeads(dim, config.out_channels, int(gan.cond_map_dim), hooks=tuple(gan.hooks), rngs=nnx.Rngs(4))
+            return Critic(backbone, heads)
+
+        g_split, g_master, g_opt_state, g_opt = _abstract_split(generator, trainable_filter(lora.history_patches),
+                                                                make_optimizer(train_config.optimizer), mesh)
+        c_split, c_master, c_opt_state, c_opt = _abstract_split(critic, critic_filter(),
+                                                                make_optimizer(train_config.critic_optimizer), mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+        state = DistillState(g_master, g_opt_state, c_master, c_opt_state, EMAState(g_master, scalar), scalar, rng)
+        frames, height, width = LATENT_SIZE
+        channels, f32 = config.in_channels, jnp.float32
+        batch_inputs = {}
+        for suffix in ("", "_2"):
+            batch_inputs.update({
+                "x0_latents" + suffix: _batch_sharded((batch, channels, 1, height, width), f32, mesh),
+                "history_latents" + suffix: _batch_sharded((batch, channels, 19, height, width), f32, mesh),
+                "target_latents" + suffix: _batch_sharded((batch, channels, frames, height, width), f32, mesh),
+                "prompt_embeds" + suffix: _batch_sharded((batch, TEXT_TOKENS, config.text_dim), f32, mesh),
+            })
+        batch_inputs["negative_prompt_embeds"] = _batch_sharded((batch, TEXT_TOKENS, config.text_dim), f32, mesh)
+        generator_step, critic_step = make_distill_steps(g_split, c_split, g_opt, c_opt, train_config)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        # Forwards per update (spec §6.2.5, max exits): roll-out 6 (+3 with gradient for the generator),
+        # scores F + 2 R, the discriminator on half-size crops (generator: 1 sample, critic: 3).
+        forward = forward_flops(config)
+        if kind == "generator":
+            jitted = jax.jit(lambda st, fg, fc, b: generator_step(st, fg, fc, b, True), out_shardings=(shardings, None),
+                             donate_argnums=0)
+            flops = batch * forward * (6 + 2 * 3 + 3 + 3 * 0.25)
+        else:
+            jitted = jax.jit(lambda st, fg, fc, b, ema: critic_step(st, fg, fc, b, ema, True),
+                             out_shardings=(shardings, None), donate_argnums=0)
+            flops = batch * forward * (6 + 3 + 3 * 3 * 0.25)
+        args = (state, g_split.frozen, c_split.frozen, batch_inputs)
+        if kind == "critic":
+            args += (jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated),)
+        return jitted, args, flops
+
+    return build
+
+
+def _abstract_split(build_fn, trainable, optimizer, mesh: Mesh):
+    """(SplitModel, fp32 master structs, optimizer state structs, optimizer) of `build_fn()`, all
+    abstract and sharded by the parameters' logical axes (the trainer's split, without arrays)."""
+    import optax
+
+    from helios_jax.training.trainer import SplitModel
+
+    model = nnx.eval_shape(build_fn)
+    graphdef, selected, frozen = nnx.split(model, trainable, ...)
+    frozen = jax.tree.map(lambda var: _abstract_variable(var, mesh), frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    variables = [var for _, var in nnx.to_flat_state(selected)]
+    master = jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(selected)),
+                                [_sharded_struct(var, mesh, jnp.float32) for var in variables])
+    split = SplitModel(graphdef, jax.tree.structure(selected), [var.get_value().dtype for var in variables], frozen)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(optimizer.init, master)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, m: m.sharding, opt_abstract, master,
+                                          transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_abstract, opt_shardings)
+    return split, master, opt_state, optimizer
+
+
 def _sharded_struct(var, mesh: Mesh, dtype=None) -> jax.ShapeDtypeStruct:
     value = var.get_value()
     axes = tuple(var.get_metadata().get("out_sharding") or ()) or (None,) * len(value.shape)
@@ -334,7 +431,9 @@ def _abstract_variable(var, mesh: Mesh):
     return var.replace(_sharded_struct(var, mesh))
 
 
-STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step, "stage1": stage1_step}
+STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step, "stage1": stage1_step,
+         "stage3_generator": stage3_step("generator"), "stage3_critic": stage3_step("critic")}
+TRAINING_TASKS = ("train", "stage1", "stage3_generator", "stage3_critic")
 
 
 def compile_report(topology: str, *, model: str = "helios_14b", task: str = "forward", mesh_text: str | None = None,
@@ -347,7 +446,7 @@ def compile_report(topology: str, *, model: str = "helios_14b", task: str = "for
     config = model_config(model, task, attention)
     if batch is None:
         # Training fills every data-parallel rank with one sample; sampling makes one video.
-        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task in ("train", "stage1") else 1
+        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task in TRAINING_TASKS else 1
     if batch < 1:
         raise AotError(f"--batch must be positive; got {batch}")
     graphdef, state = abstract_state(config, mesh)

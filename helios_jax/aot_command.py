@@ -3,7 +3,7 @@ plan per device and its FLOPs (helios_jax/aot.py does the work)."""
 from __future__ import annotations
 
 # Here rather than in helios_jax.aot so that building the parser does not import jax.
-TASKS = ("forward", "rollout", "train", "stage1")
+TASKS = ("forward", "rollout", "train", "stage1", "stage3_generator", "stage3_critic")
 MODELS = ("helios_14b", "tiny")
 
 
@@ -18,7 +18,8 @@ def add_command(commands) -> None:
     aot.add_argument("--task", default="forward", choices=TASKS,
                      help="forward: one transformer call; rollout: the Distilled chunk program; "
                      "train: loss + gradient of every parameter with full remat; "
-                     "stage1: the real Stage-1 LoRA optimizer step of `helios-jax train`")
+                     "stage1: the real Stage-1 LoRA optimizer step of `helios-jax train`; "
+                     "stage3_generator / stage3_critic: the two Stage-3b updates (GAN version)")
     aot.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
                      help="mesh over data,fsdp,tensor,seq (one size may be -1); default fsdp over all devices")
     aot.add_argument("--batch", type=int, default=None,
