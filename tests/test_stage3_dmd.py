@@ -202,3 +202,32 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
         assert [r[key] for r in resumed] == [r[key] for r in reference], f"{key}, killed at step {killed_at}"
     generator = lambda records: [r.get("generator_loss") for r in records]  # noqa: E731
     assert generator(resumed) == generator(reference), f"killed at step {killed_at}"
+
+
+def test_stage3_configs_carry_the_spec_numbers():
+    from helios_jax.config_flags import load_config
+
+    for name, seed, ema_start, gan in (("stage_3_ode", 47, 250, None), ("stage_3_post", 49, 750, False),
+                                        ("stage_3_post_gan", 49, 750, True)):
+        config = load_config(f"configs/train/{name}.py")
+        o = config.optimizer
+        assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule) == (2e-6, 0.0, 0.999, 1e-8, 1e-3, "constant")
+        assert (config.seed, config.ema.decay, config.ema.start_step, config.checkpoint_every) == (seed, 0.99, ema_start, 250)
+        assert (config.lora.rank, config.lora.alpha, config.lora.patch_embedding, config.lora.history_patches) == \
+            (256, 256.0, "frozen", "lora")
+        assert tuple(config.distill.pyramid_steps) == (2, 2, 2) and config.data.batch_size == 1
+        if gan is None:
+            assert config.distill.ode_sections == 3 and config.distill.ode_loss_weight == 80.0
+            continue
+        c = config.critic_optimizer
+        assert (c.lr, c.b1, c.weight_decay, config.critic.lora_rank) == (4e-7, 0.0, 1e-3, 256)
+        assert (config.distill.generator_every, config.distill.real_guidance_scale) == (5, 3.0)
+        assert dict(config.distill.generator_timesteps) == dict(kind="beta", a0=4.0, b0=1.5, anneal_steps=500)
+        assert config.distill.critic_timesteps.kind == "uniform"
+        assert (config.history.drop_t2v, config.history.drop_v2v, config.history.saturation) == (0.4, 0.5, True)
+        assert config.history.corrupt_mode == ("random" if gan else "noise")
+        g = config.gan
+        assert (g.enabled, g.start_step, tuple(g.hooks), g.cond_map_dim) == (gan, 1000, (5, 15, 25, 35), 768)
+        assert (g.g_weight, g.d_weight, g.r1_weight, g.r1_sigma) == (0.05, 0.01, 100.0, 0.1)
+    assert load_config("configs/train/stage3_dmd.py:gan").gan.enabled
+    assert load_config("configs/train/stage3_dmd.py:tiny").model.config == "tiny-random"

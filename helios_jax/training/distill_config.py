@@ -28,7 +28,9 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
                              warmup_steps=0, seed=47 if ode else 49, lora_rank=256, patch_embedding="frozen",
                              history_patches="lora", batch_size=1)
     config.checkpoint_every = 250
-    config.optimizer.update(b1=0.0, b2=0.999, weight_decay=1e-3, clip_norm=10.0)
+    # The yaml says clip 10; the released Stage-3 runs went through DeepSpeed, whose zero2.json clips
+    # at 1.0 (spec §7.1 caveat, §11.7): 1.0 is what the released weights most likely saw.
+    config.optimizer.update(b1=0.0, b2=0.999, weight_decay=1e-3, clip_norm=1.0)
     config.ema = dict(decay=0.99, start_step=250 if ode else 750)
     config.distill = dict(
         pyramid_steps=(2, 2, 2),  # the Distilled sampler: 2 steps per pyramid stage
@@ -47,9 +49,12 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
         config.score = dict(init="")  # Helios-Base/transformer: real score (LoRA off) and critic backbone
         config.critic = dict(lora_rank=256, lora_alpha=256.0)
         config.critic_optimizer = dict(lr=4e-7, schedule="constant", warmup_steps=0, b1=0.0, b2=0.999, eps=1e-8,
-                                       weight_decay=1e-3, clip_norm=10.0)
+                                       weight_decay=1e-3, clip_norm=1.0)
         config.gan = dict(enabled=kind == "post_gan", start_step=1000, hooks=(5, 15, 25, 35), cond_map_dim=768,
-                          g_weight=0.05, d_weight=0.01, r1_weight=100.0, r1_sigma=0.1)
+                          g_weight=0.05, d_weight=0.01, r1_weight=100.0, r1_sigma=0.1,
+                          # "A": the released pairing (target of sample A, history of B, spec §11.4);
+                          # "B": the chunk that follows the history the discriminator sees
+                          real_sample="A")
     if arg == "tiny":
         shrink_to_tiny(config)
         config.ema.start_step = 2

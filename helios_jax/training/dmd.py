@@ -178,9 +178,12 @@ def critic_loss(critic: Critic, generator, batch: dict, key, step, config, *, ga
     loss = mean_squared_error(velocity, noise - x_g)
     metrics = {"critic_loss": loss}
     if gan_active:
-        # Real = the GT chunk that follows history B (the reference pairs target A with history B,
-        # spec §11.4: fixed). Real and its perturbation share one crop, so R1 compares like with like.
-        real_t = add_noise(context.target, noise, t, table)
+        # Real: target A with history B as released (spec §11.4), or B's own target (gan.real_sample).
+        # Real and its perturbation share one crop, so R1 compares like with like.
+        if config.gan.real_sample not in ("A", "B"):
+            raise ValueError(f"config.gan.real_sample must be 'A' or 'B'; got {config.gan.real_sample!r}")
+        real = context.target if config.gan.real_sample == "B" else jnp.asarray(batch["target_latents"], jnp.float32)
+        real_t = add_noise(real, noise, t, table)
         k_fake_crop, k_real_crop = jax.random.split(k_crop)
         fake_crop, real_crop = crop_half(k_fake_crop, x_t), crop_half(k_real_crop, real_t)
         perturbed = real_crop + float(config.gan.r1_sigma) * jax.random.normal(k_perturb, real_crop.shape)
