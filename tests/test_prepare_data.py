@@ -12,7 +12,8 @@ from helios_jax.cli import main
 from helios_jax.data import clips as clips_lib
 from helios_jax.data.encoding import chunk_key, tiny_random_components
 from helios_jax.data.metadata import read_clips
-from helios_jax.data.storage import LatentDataset
+from helios_jax.data.storage import LatentDataset, read_extra
+from helios_jax.prepare_data_command import NEGATIVE_PROMPT_EMBED, TRAINING_NEGATIVE_PROMPT
 
 TOY = Path("/work/shared/data/toy_data")
 METADATA = TOY / "toy_filter.json"
@@ -42,7 +43,8 @@ def test_default_min_frames_keeps_only_the_long_clip(tmp_path, capsys):
 
 def test_shards_hold_the_direct_encoding_of_each_clip(dataset_dir):
     files = sorted(p.name for p in dataset_dir.iterdir())
-    assert files == ["dataset_info.json", "features.json", "helios_latents-train.array_record-00000-of-00001"]
+    assert files == ["dataset_info.json", "extras.safetensors", "features.json",
+                     "helios_latents-train.array_record-00000-of-00001"]
     assert [p.name for p in dataset_dir.parent.iterdir()] == ["toy"]  # no partial folder left beside it
     dataset = LatentDataset(dataset_dir)
     stored = {dataset[i]["id"]: dataset[i] for i in range(len(dataset))}
@@ -72,6 +74,9 @@ def test_shards_hold_the_direct_encoding_of_each_clip(dataset_dir):
         length = int(np.asarray(text_encoder.tokenize([clip.caption])[1]).sum())
         assert 1 < length < 512 and not record["prompt_embed"][length:].any() and record["prompt_embed"][length - 1].any()
         assert record["caption"] == clip.caption
+    # The training negative prompt's embedding for Stage 3b's guided real score.
+    negative = read_extra(dataset_dir, NEGATIVE_PROMPT_EMBED)
+    np.testing.assert_array_equal(negative, np.asarray(text_encoder.encode([TRAINING_NEGATIVE_PROMPT])[0], np.float32))
 
 
 def test_crop_box_then_center_crop_to_the_target_aspect():
