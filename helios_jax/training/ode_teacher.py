@@ -1,0 +1,113 @@
+"""Stage 3a teacher trajectories (spec training.md §6.1, `get_ode-pairs.py`): the Mid teacher
+samples a video chunk by chunk (pyramid UniPC, `teacher_steps` per stage, CFG with the negative
+prompt, its own outputs as history, prefix = the first latent of chunk 0), on schedules that pass
+through the student's timesteps (training/ode_schedules.py), and at each of them the state before
+the teacher's step is kept, plus every stage's end state.
+
+The sampler's own pieces do the work: the chunk plan (from the merged schedules), the chunk program
+with its static `record` option, the noise draws in the pipeline's order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from helios_jax import parallel
+from helios_jax.sampling import schedule_tables as tables_lib
+from helios_jax.sampling.chunk_plan import ChunkSpec, ChunkTables, SamplingSettings, plan_from_schedules
+from helios_jax.sampling.noise import NoiseSource
+from helios_jax.sampling.pyramid import block_noise_count
+from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
+from helios_jax.sampling.variants import SCHEDULER_CONFIGS
+from helios_jax.training import ode_schedules
+
+HISTORY_SIZES = (16, 2, 1)
+CHUNK_FRAMES = 9
+NUM_STAGES = 3
+MAX_STUDENT_STEPS = 2 * ode_schedules.STUDENT_STEPS  # the amplified first chunk
+
+
+class StageTrajectory(NamedTuple):
+    states: np.ndarray  # [K + 1, B, C, 9, h, w] fp32: x(t_j) before the teacher's step at t_j, then the end state
+    timesteps: np.ndarray  # [K] fp32: the t_j (the teacher's schedule at the student's steps)
+
+
+class TeacherPlan(NamedTuple):
+    spec: ChunkSpec
+    tables: ChunkTables
+    student_steps: tuple[np.ndarray, ...]  # per stage: indices of the student's timesteps among the steps
+    student_timesteps: tuple[np.ndarray, ...]  # per stage: the float timesteps there (the model gets trunc(t))
+
+
+def stage_sizes(latent_height: int, latent_width: int, stages: int = NUM_STAGES) -> list[tuple[int, int]]:
+    factor = 2 ** (stages - 1)
+    if latent_height % (2 * factor) or latent_width % (2 * factor):
+        raise ValueError(f"latent {latent_height}x{latent_width}: height and width must be multiples of "
+                         f"{2 * factor} for the {stages}-stage pyramid")
+    return [(latent_height * 2**i // factor, latent_width * 2**i // factor) for i in range(stages)]
+
+
+def plan_teacher_chunk(latent_height: int, latent_width: int, *, teacher_steps: int, first_chunk: bool,
+                       guided: bool) -> TeacherPlan:
+    """The teacher's chunk plan: per stage the merged schedule (mu after the stage's upsample)."""
+    if teacher_steps < 1:
+        raise ValueError(f"--teacher-steps={teacher_steps}: must be >= 1")
+    cfg = tables_lib.from_config_json(SCHEDULER_CONFIGS["mid"])
+    sizes = stage_sizes(latent_height, latent_width)
+    merged = [ode_schedules.teacher_stage_schedule(i, h, w, teacher_steps=teacher_steps, amplified=first_chunk)
+              for i, (h, w) in enumerate(sizes)]
+    settings = SamplingSettings(pyramid_steps=(teacher_steps,) * NUM_STAGES, guidance="cfg" if guided else "none",
+                                history_sizes=HISTORY_SIZES, frames=CHUNK_FRAMES)
+    spec, tables = plan_from_schedules(cfg, tables_lib.stage_constants(cfg), settings,
+                                       [m.schedule for m in merged], sizes)
+    return TeacherPlan(spec, tables, tuple(m.student_steps for m in merged),
+                       tuple(m.schedule.timesteps[m.student_steps].astype(np.float32) for m in merged))
+
+
+def teacher_trajectories(transformer, prompt_embeds, negative_prompt_embeds, *, num_chunks: int, latent_height: int,
+                         latent_width: int, teacher_steps: int = 20, guidance_scale: float = 5.0,
+                         seed: int = 42) -> list[list[StageTrajectory]]:
+    """[chunk][stage] trajectories of one T2V roll-out of `num_chunks` chunks. `prompt_embeds` and
+    `negative_prompt_embeds` are [B, L, D]; CFG runs when guidance_scale > 1."""
+    if num_chunks < 1:
+        raise ValueError(f"--num-chunks={num_chunks}: must be >= 1")
+    guided = guidance_scale > 1.0
+    dtype = transformer.dtype
+    prompt_embeds = jnp.asarray(prompt_embeds).astype(dtype)
+    negative = jnp.asarray(negative_prompt_embeds).astype(dtype) if guided else None
+    graphdef, state = nnx.split(transformer)
+    program = make_chunk_program(graphdef, record=True)
+    mesh = parallel.mesh_of(transformer)
+    plans = {first: plan_teacher_chunk(latent_height, latent_width, teacher_steps=teacher_steps, first_chunk=first,
+                                       guided=guided) for first in (True, False)}
+    batch, channels = prompt_embeds.shape[0], transformer.config.in_channels
+    window = sum(HISTORY_SIZES)
+    history = jnp.zeros((batch, channels, window, latent_height, latent_width), jnp.float32)
+    anchor = jnp.zeros((batch, channels, 1, latent_height, latent_width), jnp.float32)
+    source = NoiseSource(seed)
+    out = []
+    for k in range(num_chunks):
+        plan = plans[k == 0]
+        # The pipeline's draws, in its order: the chunk's noise, then one block-noise draw per upsample.
+        noise = source.normal((batch, channels, CHUNK_FRAMES, latent_height, latent_width))
+        block_noise = tuple(source.normal((block_noise_count((batch, channels, CHUNK_FRAMES, s.height, s.width)), 4))
+                            for s in plan.spec.stages[1:])
+        inputs = ChunkInputs(history=history, anchor=anchor, prompt_embeds=prompt_embeds,
+                             negative_prompt_embeds=negative, noise=noise, block_noise=block_noise,
+                             guidance_scale=jnp.asarray(guidance_scale, jnp.float32))
+        with parallel.use_mesh(mesh):
+            latents, states = program(plan.spec, state, inputs, plan.tables)
+        chunk = []
+        for stage_states, steps, timesteps in zip(states, plan.student_steps, plan.student_timesteps):
+            keep = np.concatenate([steps, [stage_states.shape[0] - 1]])  # the student's steps, then the end
+            chunk.append(StageTrajectory(np.asarray(stage_states)[keep], timesteps))
+        out.append(chunk)
+        if k == 0:
+            anchor = latents[:, :, :1]
+        history = jnp.concatenate([history, latents], axis=2)[:, :, -window:]
+    return out
+
