@@ -68,46 +68,68 @@ def plan_teacher_chunk(latent_height: int, latent_width: int, *, teacher_steps: 
                        tuple(m.schedule.timesteps[m.student_steps].astype(np.float32) for m in merged))
 
 
+class TeacherRollout:
+    """The teacher's recording roll-out at one resolution and schedule: compiled once (one program
+    for chunk 0, one for the others), then called per prompt."""
+
+    def __init__(self, transformer, *, latent_height: int, latent_width: int, teacher_steps: int = 20,
+                 guidance_scale: float = 5.0):
+        self.guided = guidance_scale > 1.0
+        self.guidance_scale = guidance_scale
+        self.dtype = transformer.dtype
+        self.channels = transformer.config.in_channels
+        self.size = (latent_height, latent_width)
+        graphdef, self.state = nnx.split(transformer)
+        self.program = make_chunk_program(graphdef, record=True)
+        self.mesh = parallel.mesh_of(transformer)
+        self.plans = {first: plan_teacher_chunk(latent_height, latent_width, teacher_steps=teacher_steps,
+                                                first_chunk=first, guided=self.guided) for first in (True, False)}
+
+    def chunk_inputs(self, source: NoiseSource, plan: TeacherPlan, history, anchor, prompt_embeds,
+                     negative_prompt_embeds) -> ChunkInputs:
+        """One chunk's inputs; the pipeline's draws in its order: the chunk's noise, then one
+        block-noise draw per upsample."""
+        batch = prompt_embeds.shape[0]
+        noise = source.normal((batch, self.channels, CHUNK_FRAMES, *self.size))
+        block_noise = tuple(source.normal((block_noise_count((batch, self.channels, CHUNK_FRAMES, s.height, s.width)), 4))
+                            for s in plan.spec.stages[1:])
+        return ChunkInputs(history=history, anchor=anchor, prompt_embeds=prompt_embeds,
+                           negative_prompt_embeds=negative_prompt_embeds, noise=noise, block_noise=block_noise,
+                           guidance_scale=jnp.asarray(self.guidance_scale, jnp.float32))
+
+    def __call__(self, prompt_embeds, negative_prompt_embeds, *, num_chunks: int,
+                 seed: int = 42) -> list[list[StageTrajectory]]:
+        """[chunk][stage] trajectories of one T2V roll-out of `num_chunks` chunks for
+        `prompt_embeds` [B, L, D] (and the negative [B, L, D] when guided)."""
+        if num_chunks < 1:
+            raise ValueError(f"--num-chunks={num_chunks}: must be >= 1")
+        prompt_embeds = jnp.asarray(prompt_embeds).astype(self.dtype)
+        negative = jnp.asarray(negative_prompt_embeds).astype(self.dtype) if self.guided else None
+        batch, window = prompt_embeds.shape[0], sum(HISTORY_SIZES)
+        history = jnp.zeros((batch, self.channels, window, *self.size), jnp.float32)
+        anchor = jnp.zeros((batch, self.channels, 1, *self.size), jnp.float32)
+        source = NoiseSource(seed)
+        out = []
+        for k in range(num_chunks):
+            plan = self.plans[k == 0]
+            inputs = self.chunk_inputs(source, plan, history, anchor, prompt_embeds, negative)
+            with parallel.use_mesh(self.mesh):
+                latents, states = self.program(plan.spec, self.state, inputs, plan.tables)
+            chunk = []
+            for stage_states, steps, timesteps in zip(states, plan.student_steps, plan.student_timesteps):
+                keep = np.concatenate([steps, [stage_states.shape[0] - 1]])  # the student's steps, then the end
+                chunk.append(StageTrajectory(np.asarray(stage_states)[keep], timesteps))
+            out.append(chunk)
+            if k == 0:
+                anchor = latents[:, :, :1]
+            history = jnp.concatenate([history, latents], axis=2)[:, :, -window:]
+        return out
+
+
 def teacher_trajectories(transformer, prompt_embeds, negative_prompt_embeds, *, num_chunks: int, latent_height: int,
                          latent_width: int, teacher_steps: int = 20, guidance_scale: float = 5.0,
                          seed: int = 42) -> list[list[StageTrajectory]]:
-    """[chunk][stage] trajectories of one T2V roll-out of `num_chunks` chunks. `prompt_embeds` and
-    `negative_prompt_embeds` are [B, L, D]; CFG runs when guidance_scale > 1."""
-    if num_chunks < 1:
-        raise ValueError(f"--num-chunks={num_chunks}: must be >= 1")
-    guided = guidance_scale > 1.0
-    dtype = transformer.dtype
-    prompt_embeds = jnp.asarray(prompt_embeds).astype(dtype)
-    negative = jnp.asarray(negative_prompt_embeds).astype(dtype) if guided else None
-    graphdef, state = nnx.split(transformer)
-    program = make_chunk_program(graphdef, record=True)
-    mesh = parallel.mesh_of(transformer)
-    plans = {first: plan_teacher_chunk(latent_height, latent_width, teacher_steps=teacher_steps, first_chunk=first,
-                                       guided=guided) for first in (True, False)}
-    batch, channels = prompt_embeds.shape[0], transformer.config.in_channels
-    window = sum(HISTORY_SIZES)
-    history = jnp.zeros((batch, channels, window, latent_height, latent_width), jnp.float32)
-    anchor = jnp.zeros((batch, channels, 1, latent_height, latent_width), jnp.float32)
-    source = NoiseSource(seed)
-    out = []
-    for k in range(num_chunks):
-        plan = plans[k == 0]
-        # The pipeline's draws, in its order: the chunk's noise, then one block-noise draw per upsample.
-        noise = source.normal((batch, channels, CHUNK_FRAMES, latent_height, latent_width))
-        block_noise = tuple(source.normal((block_noise_count((batch, channels, CHUNK_FRAMES, s.height, s.width)), 4))
-                            for s in plan.spec.stages[1:])
-        inputs = ChunkInputs(history=history, anchor=anchor, prompt_embeds=prompt_embeds,
-                             negative_prompt_embeds=negative, noise=noise, block_noise=block_noise,
-                             guidance_scale=jnp.asarray(guidance_scale, jnp.float32))
-        with parallel.use_mesh(mesh):
-            latents, states = program(plan.spec, state, inputs, plan.tables)
-        chunk = []
-        for stage_states, steps, timesteps in zip(states, plan.student_steps, plan.student_timesteps):
-            keep = np.concatenate([steps, [stage_states.shape[0] - 1]])  # the student's steps, then the end
-            chunk.append(StageTrajectory(np.asarray(stage_states)[keep], timesteps))
-        out.append(chunk)
-        if k == 0:
-            anchor = latents[:, :, :1]
-        history = jnp.concatenate([history, latents], axis=2)[:, :, -window:]
-    return out
-
+    """One prompt's roll-out (TeacherRollout built and called once)."""
+    rollout = TeacherRollout(transformer, latent_height=latent_height, latent_width=latent_width,
+                             teacher_steps=teacher_steps, guidance_scale=guidance_scale)
+    return rollout(prompt_embeds, negative_prompt_embeds, num_chunks=num_chunks, seed=seed)
