@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPATIAL_MULTIPLE = 32  # 8x VAE, then the coarsest pyramid stage (1/4) must still patchify whole (2x2)
+# 8x VAE, then the coarsest of the 3 pyramid stages (1/4 of the latent) must still patchify whole
+# into 2x2 patches: the pipeline's own size rule (pipeline.check_size).
+SPATIAL_MULTIPLE = 64
 # The reference's default negative prompt (tools/offload_data/get_ode-pairs.py).
 DEFAULT_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -31,8 +33,8 @@ def add_command(commands) -> None:
                          help="Helios-Mid model folder (transformer/, text_encoder/, tokenizer/) or 'tiny-random'")
     prepare.add_argument("--out", required=True, help="dataset folder to create (must not exist)")
     prepare.add_argument("--num-chunks", type=int, default=5, help="chunks (33 frames each) per prompt")
-    prepare.add_argument("--height", type=int, default=384, help="pixel height (a multiple of 32)")
-    prepare.add_argument("--width", type=int, default=640, help="pixel width (a multiple of 32)")
+    prepare.add_argument("--height", type=int, default=384, help="pixel height (a multiple of 64)")
+    prepare.add_argument("--width", type=int, default=640, help="pixel width (a multiple of 64)")
     prepare.add_argument("--teacher-steps", type=int, default=20, help="teacher UniPC steps per pyramid stage")
     prepare.add_argument("--guidance-scale", type=float, default=5.0, help="the teacher's CFG scale")
     prepare.add_argument("--seed", type=int, default=42, help="seed of the teacher's noise (the same for every prompt)")
