@@ -31,7 +31,7 @@ class OdeDataset(RecordDataset):
 
 
 def record_arrays(trajectories: list[list[StageTrajectory]]) -> dict[str, np.ndarray]:
-    """teacher_trajectories(...) of one prompt (batch 1) -> the record's fixed-shape arrays."""
+    """A TeacherRollout result for one prompt (batch 1) -> the record's fixed-shape arrays."""
     out = {"num_steps": np.asarray([len(chunk[0].timesteps) for chunk in trajectories], np.int32)}
     for i in range(NUM_STAGES):
         stage = [chunk[i] for chunk in trajectories]

@@ -125,11 +125,3 @@ class TeacherRollout:
             history = jnp.concatenate([history, latents], axis=2)[:, :, -window:]
         return out
 
-
-def teacher_trajectories(transformer, prompt_embeds, negative_prompt_embeds, *, num_chunks: int, latent_height: int,
-                         latent_width: int, teacher_steps: int = 20, guidance_scale: float = 5.0,
-                         seed: int = 42) -> list[list[StageTrajectory]]:
-    """One prompt's roll-out (TeacherRollout built and called once)."""
-    rollout = TeacherRollout(transformer, latent_height=latent_height, latent_width=latent_width,
-                             teacher_steps=teacher_steps, guidance_scale=guidance_scale)
-    return rollout(prompt_embeds, negative_prompt_embeds, num_chunks=num_chunks, seed=seed)
