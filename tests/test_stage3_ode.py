@@ -18,17 +18,15 @@ import pytest
 from flax import nnx
 
 from helios_jax.cli import main
-from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import preset
 from helios_jax.parallel import make_mesh
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise, downsample_noise, upsample_nearest
-from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.training.distill_schedules import student_schedule
-from helios_jax.training.ode_data import OdeDataset, make_ode_loader, synthetic_ode_records
+from helios_jax.training.ode_data import END, OdeDataset, make_ode_loader, synthetic_ode_records
 from helios_jax.training.ode_regression import select_chunks
 from helios_jax.training.ode_schedules import teacher_stage_schedule
-from helios_jax.training.ode_teacher import TeacherRollout
+from helios_jax.training.ode_teacher import draw_chunk_noise, plan_teacher_chunk
 from helios_jax.training.trainer import initial_state, make_train_step, split_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,33 +88,31 @@ def test_teacher_schedule_passes_through_the_student_timesteps(amplified):
 # The teacher's recorded trajectory
 
 
-def test_recorded_states_are_what_the_teacher_passed_through():
-    teacher = HeliosTransformer3DModel(preset("tiny-random"), rngs=nnx.Rngs(0))
-    keys = jax.random.split(jax.random.key(5), 2)
-    prompt, negative = (jax.random.normal(k, (1, 8, 64)) for k in keys)
-    rollout = TeacherRollout(teacher, latent_height=8, latent_width=8, teacher_steps=2, guidance_scale=5.0)
-    (chunk,) = rollout(prompt, negative, num_chunks=1, seed=3)
-    plan = rollout.plans[True]
+def test_recorded_states_are_what_the_teacher_passed_through(worker_result):
+    """prepare-ode's chunk 0 of the first prompt against the worker's re-run of that chunk with the
+    plain chunk program (same merged schedule, same draws), and against the draws themselves."""
+    _, scratch = worker_result
+    record = OdeDataset(scratch / "ode")[0]
+    states = [record[f"stage{i}_states"][0] for i in range(3)]  # chunk 0: [5, C, 9, h, w]
+    plain = np.load(scratch / "plain_chunk0.npy")[0]
+    np.testing.assert_allclose(states[2][END], plain, atol=1e-5)
 
-    # The same draws, and the chunk program without recording, on the same merged schedule.
-    channels = teacher.config.in_channels
-    inputs = rollout.chunk_inputs(NoiseSource(3), plan, jnp.zeros((1, channels, 19, 8, 8)),
-                                  jnp.zeros((1, channels, 1, 8, 8)), prompt, negative)
-    plain = make_chunk_program(nnx.graphdef(teacher))(plan.spec, nnx.state(teacher), inputs, plan.tables)
-    np.testing.assert_allclose(chunk[2].states[-1], plain, atol=1e-5)
-    # Every stage starts at the student's first timestep, from the noise or the re-noised upsample.
-    np.testing.assert_allclose(chunk[0].states[0], downsample_noise(inputs.noise, 2), atol=1e-6)
+    plan = plan_teacher_chunk(8, 8, teacher_steps=2, first_chunk=True, guided=True)
+    noise, draws = draw_chunk_noise(NoiseSource(42), plan, 1, states[0].shape[1])
+    # Every stage starts at the student's first timestep: from the noise, or the re-noised upsample.
+    np.testing.assert_allclose(states[0][0], downsample_noise(noise, 2)[0], atol=1e-6)
     for i in (1, 2):
         alpha, beta = plan.tables.stages[i].renoise
-        upsampled = upsample_nearest(jnp.asarray(chunk[i - 1].states[-1]))
-        renoised = alpha * upsampled + beta * block_noise(inputs.block_noise[i - 1], upsampled.shape,
+        upsampled = upsample_nearest(jnp.asarray(states[i - 1][END][None]))
+        renoised = alpha * upsampled + beta * block_noise(draws[i - 1], upsampled.shape,
                                                           jnp.asarray(plan.tables.block_factor))
-        np.testing.assert_allclose(chunk[i].states[0], renoised, atol=1e-5)
-    for i, (h, w) in enumerate([(2, 2), (4, 4), (8, 8)]):
-        assert chunk[i].states.shape == (5, 1, channels, 9, h, w)  # 4 student steps + the end state
-        np.testing.assert_allclose(chunk[i].timesteps, student_schedule(i, h, w, amplified=True).timesteps, atol=0.5)
+        np.testing.assert_allclose(states[i][0], renoised[0], atol=1e-5)
+    for i, size in enumerate([2, 4, 8]):
+        np.testing.assert_array_equal(record[f"stage{i}_timesteps"][0], plan.student_timesteps[i])
+        np.testing.assert_allclose(plan.student_timesteps[i], student_schedule(i, size, size, amplified=True).timesteps,
+                                   atol=0.5)
         # The recorded states are distinct points of the trajectory, not one state repeated.
-        assert min(np.abs(a - b).max() for a, b in zip(chunk[i].states[:-1], chunk[i].states[1:])) > 1e-3
+        assert min(np.abs(a - b).max() for a, b in zip(states[i][:-1], states[i][1:])) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,7 +130,7 @@ def test_prepare_ode_writes_what_the_loader_reads(worker_result):
         states, timesteps = record[f"stage{i}_states"], record[f"stage{i}_timesteps"]
         assert states.shape == (2, 5, 4, 9, size, size) and timesteps.shape == (2, 4)
         assert np.all(states[1, 2:4] == 0) and np.all(timesteps[1, 2:] == 0)  # chunk 1's padding
-        assert np.all(np.abs(states[:, 4]).max(axis=(1, 2, 3, 4)) > 0)  # the end states
+        assert np.all(np.abs(states[:, END]).max(axis=(1, 2, 3, 4)) > 0)  # the end states
         np.testing.assert_allclose(timesteps[0], student_schedule(i, size, size, amplified=True).timesteps, atol=0.5)
     # Chunk 1 starts from fresh noise: it is not chunk 0's trajectory again.
     assert np.abs(record["stage0_states"][1, 0] - record["stage0_states"][0, 0]).max() > 0.1

@@ -68,6 +68,16 @@ def plan_teacher_chunk(latent_height: int, latent_width: int, *, teacher_steps: 
                        tuple(m.schedule.timesteps[m.student_steps].astype(np.float32) for m in merged))
 
 
+def draw_chunk_noise(source: NoiseSource, plan: TeacherPlan, batch: int, channels: int):
+    """(noise [B, C, 9, h, w], block-noise draws) of one chunk, in the pipeline's order: the chunk's
+    noise at full resolution, then one block-noise draw per upsample."""
+    full = plan.spec.stages[-1]
+    noise = source.normal((batch, channels, CHUNK_FRAMES, full.height, full.width))
+    block_noise = tuple(source.normal((block_noise_count((batch, channels, CHUNK_FRAMES, s.height, s.width)), 4))
+                        for s in plan.spec.stages[1:])
+    return noise, block_noise
+
+
 class TeacherRollout:
     """The teacher's recording roll-out at one resolution and schedule: compiled once (one program
     for chunk 0, one for the others), then called per prompt."""
@@ -87,12 +97,7 @@ class TeacherRollout:
 
     def chunk_inputs(self, source: NoiseSource, plan: TeacherPlan, history, anchor, prompt_embeds,
                      negative_prompt_embeds) -> ChunkInputs:
-        """One chunk's inputs; the pipeline's draws in its order: the chunk's noise, then one
-        block-noise draw per upsample."""
-        batch = prompt_embeds.shape[0]
-        noise = source.normal((batch, self.channels, CHUNK_FRAMES, *self.size))
-        block_noise = tuple(source.normal((block_noise_count((batch, self.channels, CHUNK_FRAMES, s.height, s.width)), 4))
-                            for s in plan.spec.stages[1:])
+        noise, block_noise = draw_chunk_noise(source, plan, prompt_embeds.shape[0], self.channels)
         return ChunkInputs(history=history, anchor=anchor, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, noise=noise, block_noise=block_noise,
                            guidance_scale=jnp.asarray(self.guidance_scale, jnp.float32))
