@@ -5,8 +5,10 @@ The teacher (Mid, UniPC, `teacher_steps` per stage) and the student (Distilled, 
 4 for the amplified chunk 0) share the pyramid's stage windows. The student's *unshifted*
 timesteps are merged into the teacher's unshifted schedule, each with the sigma of the stage table
 at its nearest grid timestep; only then is the merged schedule shifted (linear, mu from the stage's
-latent after its upsample). So the teacher's trajectory passes through exactly the timesteps the
-student is later trained at (the reference's hard-coded lists in get_ode-pairs.py).
+latent after its upsample), as get_ode-pairs.py does. The teacher's trajectory so passes through the
+student's timesteps up to the grid's rounding of sigma (within 0.25 of the reference's hard-coded
+lists at 384x640, e.g. 902.138 for 902.218); the stored t_j are the teacher's own, and the ODE loss
+reads their sigma from the same grid, so each stored pair is consistent.
 """
 from __future__ import annotations
 
