@@ -105,7 +105,9 @@ def run(scratch: Path) -> dict:
     config = apply_overrides(load_config(CONFIG), overrides)
     mesh = make_mesh(fsdp=-1)
     batches = record_batches(data)
-    before = float(np.mean([ode_distance(student(config, mesh), b) for b in batches]))
+    initial = student(config, mesh)
+    before = float(np.mean([ode_distance(initial, b) for b in batches]))
+    del initial
     code = main(["train", "--config", CONFIG, "--workdir", str(workdir), *overrides])
     assert code == 0, f"train exited {code}"
     trained, ema, state = restored_models(config, workdir, mesh)
