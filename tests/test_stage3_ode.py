@@ -24,7 +24,7 @@ from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise, downsample_noise, upsample_nearest
 from helios_jax.training.distill_schedules import student_schedule
 from helios_jax.training.ode_data import END, OdeDataset, make_ode_loader, synthetic_ode_records
-from helios_jax.training.ode_regression import select_chunks
+from helios_jax.training.ode_regression import select_chunks, teacher_context
 from helios_jax.training.ode_schedules import teacher_stage_schedule
 from helios_jax.training.ode_teacher import draw_chunk_noise, plan_teacher_chunk
 from helios_jax.training.trainer import initial_state, make_train_step, split_model
@@ -178,6 +178,19 @@ def test_prepare_ode_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, 
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_teacher_context_is_the_previous_final_chunks():
+    # Frame f of teacher chunk k holds k + 1 + f / 10, so every history slot names its source.
+    frames = [[k + 1 + f / 10 for f in range(9)] for k in range(3)]
+    finals = jnp.asarray(frames)[None, :, None, :, None, None] * jnp.ones((1, 3, 2, 9, 2, 2))
+    expected = {0: [0.0] * 19, 1: [0.0] * 10 + frames[0], 2: [0.0] + frames[0] + frames[1]}
+    for chunk, history_values in expected.items():
+        prefix, history = teacher_context(finals, jnp.asarray(chunk))
+        assert history.shape == (1, 2, 19, 2, 2) and prefix.shape == (1, 2, 1, 2, 2)
+        np.testing.assert_allclose(history[0, 0, :, 0, 0], history_values, atol=1e-6)
+        # The prefix is the first frame of chunk 0, and zeros for chunk 0 itself (pure T2V).
+        np.testing.assert_allclose(prefix[0, 0, 0, 0, 0], 0.0 if chunk == 0 else 1.0)
 
 
 def test_chunk_choice_is_distinct_ordered_and_checked():
