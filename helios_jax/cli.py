@@ -7,7 +7,8 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
-from helios_jax import aot_command, distributed, generate_command, prepare_data_command, serve_command, train_command
+from helios_jax import (aot_command, distributed, generate_command, prepare_data_command, prepare_ode_command,
+                        serve_command, train_command)
 from helios_jax import __version__
 
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(commands)
     aot_command.add_command(commands)
     prepare_data_command.add_command(commands)
+    prepare_ode_command.add_command(commands)
     train_command.add_command(commands)
     return parser
 

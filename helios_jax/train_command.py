@@ -2,9 +2,10 @@
 
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints (after a
 preemption, on every host). The model gets LoRA per `config.lora` (spec §3.5) and trains the
-stage's loss (`stage1`: flow matching with history, `stage2`: the pyramid loss) on the batches of
-`config.data_dir`: a folder written by `helios-jax prepare-data`, or `synthetic` for a small fixed
-set of random batches in the same format (tests, and trying the loop without data).
+stage's loss (`stage1`: flow matching with history, `stage2`: the pyramid loss, `stage3_ode`: ODE
+regression onto teacher trajectories) on the batches of `config.data_dir`: a folder written by
+`helios-jax prepare-data` (`helios-jax prepare-ode` for stage3_ode), or `synthetic` for a small
+fixed set of random batches in the same format (tests, and trying the loop without data).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helios_jax import distributed
 
 def add_command(commands) -> None:
     train = commands.add_parser(
-        "train", help="train the transformer (Stage 1/2 configs), resuming from the workdir's latest checkpoint",
+        "train", help="train the transformer (Stage 1/2/3a configs), resuming from the workdir's latest checkpoint",
         description="Train with a configs/train/stage_*.py config (':tiny' for the tiny CPU model) and "
         "--config.FIELD=VALUE overrides. Checkpoints, metrics.jsonl and config.json go to --workdir; "
         "running the same command again resumes from the latest checkpoint there.")
@@ -22,8 +23,8 @@ def add_command(commands) -> None:
     train.set_defaults(run=run_train)
 
 
-STAGE_LOSSES = ("stage1", "stage2")
-DISTILL_STAGES = ("stage3_dmd",)
+STAGE_LOSSES = ("stage1", "stage2", "stage3_ode")  # one loss, trainer.train
+DISTILL_STAGES = ("stage3_dmd",)  # generator + critic, dmd_trainer.train_dmd
 
 
 def run_train(args, overrides) -> None:
@@ -43,7 +44,8 @@ def run_train(args, overrides) -> None:
     if config.train.stage not in stages:
         raise ValueError(f"--config.train.stage={config.train.stage!r}: must be one of {', '.join(stages)}")
     if not config.data_dir:
-        raise ValueError("--config.data_dir: give a folder written by `helios-jax prepare-data` "
+        writer = "prepare-ode" if config.train.stage == "stage3_ode" else "prepare-data"
+        raise ValueError(f"--config.data_dir: give a folder written by `helios-jax {writer}` "
                          "(or `synthetic` for random batches)")
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size {config.data.batch_size} does not split over "
@@ -64,7 +66,7 @@ def run_train(args, overrides) -> None:
                     f"mesh={dict(mesh.shape)}  LoRA rank {config.lora.rank}")
     train(config, args.workdir, model=model, loss_fn=_stage_loss(config),
           trainable_filter=trainable_filter(config.lora.history_patches), iterator=iterator, mesh=mesh,
-          uses_history=True)
+          uses_history=True, cost_fn=_step_cost(config))
 
 
 def _run_dmd(args, config, generator, iterator, mesh) -> None:
@@ -122,9 +124,20 @@ def _negative_prompt_embeds(config, model_config):
 def _stage_loss(config):
     if config.train.stage == "stage1":
         from helios_jax.training.flow_matching import stage1_loss as loss
-    else:
+    elif config.train.stage == "stage2":
         from helios_jax.training.pyramid_training import stage2_loss as loss
+    else:
+        from helios_jax.training.ode_regression import ode_loss as loss
     return lambda model, batch, key: loss(model, batch, key, config)
+
+
+def _step_cost(config):
+    """The ODE step's cost (several forwards per row); None: the trainer's one-chunk-per-row default."""
+    if config.train.stage != "stage3_ode":
+        return None
+    from helios_jax.training.ode_regression import ode_step_cost
+
+    return lambda model_config, batch: ode_step_cost(model_config, batch, int(config.distill.ode_sections))
 
 
 def _batches(config):
@@ -132,6 +145,8 @@ def _batches(config):
     import jax
 
     local = config.data.batch_size // jax.process_count()
+    if config.train.stage == "stage3_ode":
+        return _ode_batches(config, local)
     if config.data_dir == "synthetic":
         from helios_jax.training import synthetic
         from helios_jax.training.model_setup import model_config_of
@@ -143,3 +158,19 @@ def _batches(config):
 
     return make_loader(config.data_dir, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
                        worker_count=int(config.data.worker_count), paired=config.train.stage in DISTILL_STAGES)
+
+
+def _ode_batches(config, local: int):
+    """Stage 3a: a `helios-jax prepare-ode` folder, or `synthetic` random records in its layout."""
+    import jax
+
+    if config.data_dir == "synthetic":
+        from helios_jax.training.model_setup import model_config_of
+        from helios_jax.training.ode_data import synthetic_ode_iterator
+
+        return synthetic_ode_iterator(model_config_of(config), batch_size=local, seed=int(config.data.seed),
+                                      shard_index=jax.process_index(), shard_count=jax.process_count())
+    from helios_jax.training.ode_data import make_ode_loader
+
+    return make_ode_loader(config.data_dir, batch_size=int(config.data.batch_size), seed=int(config.data.seed),
+                           worker_count=int(config.data.worker_count))

@@ -1,12 +1,14 @@
-"""The stored latent dataset: a TFDS dataset (ArrayRecord shards of serialized tensors; no TensorFlow needed).
+"""Stored datasets: TFDS datasets (ArrayRecord shards of serialized tensors; no TensorFlow needed).
 
-One record per clip:
+The latent dataset (`helios-jax prepare-data`, name "helios_latents") has one record per clip:
   vae_latent   float32 [N, z, 9, h, w]  N independently encoded 33-frame chunks, normalized latents
   prompt_embed float32 [512, text_dim]  UMT5 last hidden state, exact zeros after the true length
   caption      str
   id           str                      "{video stem}_{cut0}-{cut1}"
+Other datasets (the Stage-3a ODE pairs, training/ode_data.py) name their own features with
+`write_records` / `RecordDataset`: fixed-shape tensors (None for a dimension that varies) and text.
 
-The dataset folder is the TFDS version folder itself (dataset_info.json, features.json and the
+A dataset folder is the TFDS version folder itself (dataset_info.json, features.json and the
 `*.array_record-*` shards), so it can be moved or copied as one directory.
 """
 from __future__ import annotations
@@ -33,24 +35,40 @@ def _tfds():
     return tfds
 
 
+TEXT = "text"  # a feature spec: a str field; any other spec is (shape, numpy dtype) of a tensor
 EXTRAS_FILE = "extras.safetensors"  # dataset-wide arrays, e.g. the negative prompt's embedding
 
 
 def write_dataset(out: str | Path, examples: Iterable[dict], extras: dict[str, np.ndarray] | None = None) -> Path:
-    """Write `examples` (dicts with the keys above) to the dataset folder `out`, all or nothing.
-
-    Shapes come from the first example; later ones must match except for N (chunks per clip). The
-    shards are written under a temporary folder beside `out` and renamed into place at the end, so a
-    failure (an exception raised by the `examples` iterator included) leaves nothing at `out`.
-    """
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists (choose a new --out folder)")
+    """Write the latent dataset `examples` (dicts with the keys above) to the folder `out`, all or
+    nothing. Shapes come from the first example; later ones must match except for N. `extras`:
+    dataset-wide arrays stored beside the shards (read_extra)."""
     examples = iter(examples)
     first = next(examples, None)
     if first is None:
         raise ValueError(f"{out}: no examples to write")
-    shapes = dict(vae_latent=(None, *first["vae_latent"].shape[1:]), prompt_embed=first["prompt_embed"].shape)
+    features = dict(vae_latent=((None, *first["vae_latent"].shape[1:]), np.float32),
+                    prompt_embed=(first["prompt_embed"].shape, np.float32), caption=TEXT, id=TEXT)
+    return write_records(out, itertools.chain([first], examples), features, name=DATASET_NAME, extras=extras)
+
+
+def write_records(out: str | Path, examples: Iterable[dict], features: dict, *, name: str,
+                  extras: dict[str, np.ndarray] | None = None) -> Path:
+    """Write `examples` (dicts with the keys of `features`, and an "id" text field that keys them)
+    as the TFDS dataset `name` to the folder `out`, all or nothing.
+
+    The shards are written under a temporary folder beside `out` and renamed into place at the end,
+    so a failure (an exception raised by the `examples` iterator included) leaves nothing at `out`.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists (choose a new --out folder)")
+    if "id" not in features:
+        raise ValueError("a stored dataset needs an 'id' text feature (the record key)")
+    examples = iter(examples)
+    first = next(examples, None)
+    if first is None:
+        raise ValueError(f"{out}: no examples to write")
     raised = []  # TFDS may wrap what the generator raises: keep the original to re-raise it
 
     def checked():
@@ -64,8 +82,8 @@ def write_dataset(out: str | Path, examples: Iterable[dict], extras: dict[str, n
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         tfds = _tfds()
-        builder = _builder_class(tfds)(data_dir=str(staging), file_format="array_record", shapes=shapes,
-                                       examples=checked())
+        builder = _builder_class(tfds, name)(data_dir=str(staging), file_format="array_record",
+                                             features=features, examples=checked())
         try:
             builder.download_and_prepare()
         except BaseException:
@@ -75,34 +93,36 @@ def write_dataset(out: str | Path, examples: Iterable[dict], extras: dict[str, n
         if extras:
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in extras.items()},
-                      str(staging / DATASET_NAME / VERSION / EXTRAS_FILE))
-        os.replace(staging / DATASET_NAME / VERSION, out)
+            save_file({k: np.ascontiguousarray(v) for k, v in extras.items()}, str(staging / name / VERSION / EXTRAS_FILE))
+        os.replace(staging / name / VERSION, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-@functools.cache  # TFDS registers builder classes by name: define it once per process
-def _builder_class(tfds):
-    """The builder, defined on first use so that importing this module does not import TFDS."""
+@functools.cache  # TFDS registers builder classes by name: define each once per process
+def _builder_class(tfds, dataset_name: str):
+    """The builder of dataset `dataset_name`, defined on first use so that importing this module
+    does not import TFDS."""
 
-    class HeliosLatents(tfds.core.GeneratorBasedBuilder):
-        name = DATASET_NAME
+    class Builder(tfds.core.GeneratorBasedBuilder):
+        name = dataset_name  # TFDS registers the class under this name as it is created
         VERSION = tfds.core.Version(VERSION)
 
-        def __init__(self, *, shapes: dict, examples: Iterable[dict], **kwargs):
-            self._shapes = shapes
+        def __init__(self, *, features: dict, examples: Iterable[dict], **kwargs):
+            self._features = features
             self._examples = examples
             super().__init__(**kwargs)
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "vae_latent": tfds.features.Tensor(shape=self._shapes["vae_latent"], dtype=np.float32),
-                "prompt_embed": tfds.features.Tensor(shape=self._shapes["prompt_embed"], dtype=np.float32),
-                "caption": tfds.features.Text(),
-                "id": tfds.features.Text(),
-            }))
+            def feature(spec):
+                if spec == TEXT:
+                    return tfds.features.Text()
+                shape, dtype = spec
+                return tfds.features.Tensor(shape=tuple(shape), dtype=np.dtype(dtype).type)
+
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {key: feature(spec) for key, spec in self._features.items()}))
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -112,30 +132,34 @@ def _builder_class(tfds):
                 yield example["id"], example
 
         # TFDS prints "downloading and preparing ... to <staging folder>": not the folder the user
-        # named, and prepare-data reports its own progress, so those two messages are silenced.
+        # named, and the commands report their own progress, so those two messages are silenced.
         def _log_download_bytes(self) -> None:
             pass
 
         def _log_download_done(self) -> None:
             pass
 
-    return HeliosLatents
+    return Builder
 
 
-class LatentDataset:
-    """Random access to a stored dataset: `len(ds)`, `ds[i]` -> dict of numpy arrays and str.
+class RecordDataset:
+    """Random access to a stored dataset named `name`: `len(ds)`, `ds[i]` -> dict of numpy arrays
+    (as stored) and str.
 
     Opening checks the folder, its metadata and that every shard is present and readable, so a
     broken dataset fails here with the file named, not later inside a training step.
     """
 
+    name = DATASET_NAME
+    writer = "helios-jax prepare-data"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: no such dataset folder (write one with `helios-jax prepare-data`)")
+            raise FileNotFoundError(f"{self.path}: no such dataset folder (write one with `{self.writer}`)")
         for name in ("dataset_info.json", "features.json"):
             if not (self.path / name).is_file():
-                raise FileNotFoundError(f"{self.path / name}: missing (not a prepare-data dataset folder)")
+                raise FileNotFoundError(f"{self.path / name}: missing (not a `{self.writer}` dataset folder)")
         self._check_shards()
         tfds = _tfds()
         try:
@@ -151,11 +175,14 @@ class LatentDataset:
             lengths = [int(n) for n in split["shardLengths"]]
         except (ValueError, KeyError, StopIteration) as error:
             raise OSError(f"{self.path / 'dataset_info.json'}: unreadable or has no train split ({error})") from None
+        if info.get("name", self.name) != self.name:
+            raise OSError(f"{self.path}: holds a {info['name']!r} dataset, not {self.name!r} "
+                          f"(write one with `{self.writer}`)")
         from array_record.python.array_record_module import ArrayRecordReader
 
         count = len(lengths)
         for index, expected in enumerate(lengths):
-            shard = self.path / f"{DATASET_NAME}-train.array_record-{index:05d}-of-{count:05d}"
+            shard = self.path / f"{self.name}-train.array_record-{index:05d}-of-{count:05d}"
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: missing shard ({count} expected)")
             try:
@@ -174,11 +201,23 @@ class LatentDataset:
 
     def __getitem__(self, index: int) -> dict:
         record = self._source[index]
+        return {key: _text(value) if isinstance(value, (bytes, str)) else np.asarray(value)
+                for key, value in record.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} records)"
+
+
+class LatentDataset(RecordDataset):
+    """The `helios-jax prepare-data` dataset: `ds[i]` -> vae_latent, prompt_embed (float32), caption, id."""
+
+    def __getitem__(self, index: int) -> dict:
+        record = super().__getitem__(index)
         return {
             "vae_latent": np.asarray(record["vae_latent"], np.float32),
             "prompt_embed": np.asarray(record["prompt_embed"], np.float32),
-            "caption": _text(record["caption"]),
-            "id": _text(record["id"]),
+            "caption": record["caption"],
+            "id": record["id"],
         }
 
     def __repr__(self) -> str:

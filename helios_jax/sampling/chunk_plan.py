@@ -103,7 +103,19 @@ def plan_chunk(
             h, w = sizes[max(i - 1, 0)]
             mu = tables_lib.dynamic_shift_mu(noisy_tokens(frames, h, w, patch_size), cfg)
             schedules.append(tables_lib.make_schedule(cfg, constants, steps, i, mu=mu, is_amplify_first_chunk=amplify))
+    return plan_from_schedules(cfg, constants, settings, schedules, sizes)
 
+
+def plan_from_schedules(
+    cfg: SchedulerConfig,
+    constants: StageConstants,
+    settings: SamplingSettings,
+    schedules: list[tables_lib.Schedule],
+    sizes: list[tuple[int, int]],
+) -> tuple[ChunkSpec, ChunkTables]:
+    """The chunk plan for given per-stage schedules and latent sizes (plan_chunk's, or the Stage-3a
+    teacher's schedules with the student's timesteps merged in)."""
+    frames = settings.frames
     stage_specs, stage_tables = [], []
     for i, (schedule, (h, w)) in enumerate(zip(schedules, sizes)):
         n = len(schedule.timesteps)

@@ -46,19 +46,22 @@ def rope_indices(spec: ChunkSpec) -> dict[str, np.ndarray]:
     )
 
 
-def make_chunk_program(graphdef):
-    """`program(spec, state, inputs, tables) -> latents [B, C, frames, h, w]`, jitted with `spec` static."""
+def make_chunk_program(graphdef, *, record: bool = False):
+    """`program(spec, state, inputs, tables) -> latents [B, C, frames, h, w]`, jitted with `spec` static.
+    With `record` (static) it returns (latents, states): per stage the sample before each step and
+    the stage's end state, [n + 1, B, C, frames, h_i, w_i] fp32 (the ODE-pair teacher, Stage 3a)."""
 
-    def program(spec: ChunkSpec, state, inputs: ChunkInputs, tables: ChunkTables) -> jax.Array:
-        return denoise_chunk(nnx.merge(graphdef, state), spec, inputs, tables)
+    def program(spec: ChunkSpec, state, inputs: ChunkInputs, tables: ChunkTables):
+        return denoise_chunk(nnx.merge(graphdef, state), spec, inputs, tables, record=record)
 
     return jax.jit(program, static_argnums=0)
 
 
-def denoise_chunk(model, spec: ChunkSpec, inputs: ChunkInputs, tables: ChunkTables) -> jax.Array:
+def denoise_chunk(model, spec: ChunkSpec, inputs: ChunkInputs, tables: ChunkTables, *, record: bool = False):
     dtype = model.dtype
     predict = _velocity_fn(model, spec, inputs)
     x = downsample_noise(inputs.noise, len(spec.stages) - 1) if spec.pyramid else inputs.noise.astype(jnp.float32)
+    recorded = []
     for index, (stage, stage_tables) in enumerate(zip(spec.stages, tables.stages)):
         if index > 0:
             x = upsample_nearest(x)
@@ -66,9 +69,13 @@ def denoise_chunk(model, spec: ChunkSpec, inputs: ChunkInputs, tables: ChunkTabl
             alpha, beta = stage_tables.renoise[0], stage_tables.renoise[1]
             # Python-scalar-like weights: the result keeps x's dtype (bf16 after a DMD stage).
             x = alpha.astype(x.dtype) * x + beta.astype(x.dtype) * noise.astype(dtype)
-        x = _run_stage(spec, stage_tables, predict, x)
+        x, states = _run_stage(spec, stage_tables, predict, x, record)
         if spec.solver == "dmd":
             x = x.astype(dtype)  # the last DMD step returns x0 in the model output's dtype
+        if record:
+            recorded.append(jnp.concatenate([states, x[None]], axis=0).astype(jnp.float32))
+    if record:
+        return x.astype(jnp.float32), tuple(recorded)
     return x.astype(jnp.float32)
 
 
@@ -107,8 +114,11 @@ def _velocity_fn(model, spec: ChunkSpec, inputs: ChunkInputs):
     return predict
 
 
-def _run_stage(spec: ChunkSpec, tables: StageTables, predict, x: jax.Array) -> jax.Array:
-    """All steps of one stage in a lax.scan; the solver state resets per stage (set_timesteps)."""
+def _run_stage(spec: ChunkSpec, tables: StageTables, predict, x: jax.Array,
+               record: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """All steps of one stage in a lax.scan; the solver state resets per stage (set_timesteps).
+    Returns (end state, the sample before each step [n, ...] with `record`, else None)."""
+    emit = (lambda x: x) if record else (lambda x: None)  # noqa: E731
     steps = (jnp.arange(len(tables.model_timesteps)), jnp.asarray(tables.model_timesteps), jnp.asarray(tables.zero_init))
     if spec.solver == "dmd":
         start = x
@@ -116,10 +126,9 @@ def _run_stage(spec: ChunkSpec, tables: StageTables, predict, x: jax.Array) -> j
         def dmd_body(x, step):
             i, t, zero = step
             v = predict(x, t, zero)
-            return dmd_step(v, x, start, i, tables.sigmas), None
+            return dmd_step(v, x, start, i, tables.sigmas), emit(x)
 
-        x, _ = jax.lax.scan(dmd_body, x, steps)
-        return x
+        return jax.lax.scan(dmd_body, x, steps)
     if spec.solver != "unipc":
         raise ValueError(f"unknown solver {spec.solver!r}")
     coefficients = jax.tree.map(jnp.asarray, tables.unipc)
@@ -128,8 +137,8 @@ def _run_stage(spec: ChunkSpec, tables: StageTables, predict, x: jax.Array) -> j
         x, state = carry
         i, t, zero = step
         v = predict(x, t, zero)
-        x, state = unipc.unipc_step(coefficients, v, x, i, state)
-        return (x, state), None
+        x_next, state = unipc.unipc_step(coefficients, v, x, i, state)
+        return (x_next, state), emit(x)
 
-    (x, _), _ = jax.lax.scan(unipc_body, (x, unipc.init_state(x)), steps)
-    return x
+    (x, _), states = jax.lax.scan(unipc_body, (x, unipc.init_state(x)), steps)
+    return x, states

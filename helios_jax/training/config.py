@@ -14,6 +14,7 @@ RESUME_GUARDED = (
     "pyramid",
     # Stage 3: the critic's adapters and heads are in the checkpoint, the score backbone shapes them
     "critic", "score.init", "gan.enabled", "gan.hooks", "gan.cond_map_dim",
+    "ema",  # whether the state carries an EMA, and how it was averaged so far
 )
 
 

@@ -58,6 +58,8 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
     if arg == "tiny":
         shrink_to_tiny(config)
         config.ema.start_step = 2
+        if ode:
+            config.data.batch_size = 1  # 3a trains one prompt's trajectories per step (spec §6.1)
         if not ode:
             config.critic.update(lora_rank=4, lora_alpha=4.0)
             config.critic_optimizer.update(lr=1e-3)

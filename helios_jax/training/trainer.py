@@ -25,6 +25,7 @@ from helios_jax.models.example_inputs import token_counts
 from helios_jax.models.flops import transformer_flops
 from helios_jax.parallel import use_mesh
 from helios_jax.training.checkpointing import Checkpoints
+from helios_jax.training.ema import EMAState, ema_update
 from helios_jax.training.metrics import MetricsLog, peak_flops
 from helios_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
@@ -37,6 +38,7 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state over `trainable` only
     step: jax.Array  # int32 scalar: optimizer steps taken
     rng: jax.Array  # uint32[2] key; step s uses fold_in(rng, s)
+    ema: Any = None  # ema.EMAState of `trainable` when the config has `ema` (Stage 3), else None
 
 
 class SplitModel(NamedTuple):
@@ -72,9 +74,10 @@ def merge_model(split: SplitModel, trainable: dict, frozen: nnx.State) -> nnx.Mo
 
 
 def make_train_step(split: SplitModel, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    grad_accum: int = 1):
+                    grad_accum: int = 1, ema: dict | None = None):
     """step(state, frozen, batch) -> (state, metrics): value_and_grad over the trainable subtree,
-    averaged over `grad_accum` micro-batches (a lax.scan), then one optimizer update."""
+    averaged over `grad_accum` micro-batches (a lax.scan), then one optimizer update and, with
+    `ema` = {decay, start_step} (config.ema), one EMA update of the new parameters (spec §7.3)."""
 
     def loss_of(trainable, frozen, batch, key):
         loss, metrics = loss_fn(merge_model(split, trainable, frozen), batch, key)
@@ -104,7 +107,11 @@ def make_train_step(split: SplitModel, loss_fn: LossFn, optimizer: optax.Gradien
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        new_state = TrainState(trainable, opt_state, state.step + 1, state.rng)
+        averaged = state.ema
+        if ema is not None:
+            averaged = ema_update(state.ema, trainable, decay=float(ema["decay"]),
+                                  update_after_step=int(ema["start_step"]))
+        new_state = TrainState(trainable, opt_state, state.step + 1, state.rng, averaged)
         return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
 
     return step
@@ -131,8 +138,9 @@ def place_batch(local_batch: dict, mesh: Mesh) -> dict:
     return out
 
 
-def initial_state(split_master: dict, optimizer, seed: int, mesh: Mesh) -> TrainState:
-    """Optimizer state placed like the parameters it mirrors; step and rng replicated."""
+def initial_state(split_master: dict, optimizer, seed: int, mesh: Mesh, *, with_ema: bool = False) -> TrainState:
+    """Optimizer state (and the EMA, `with_ema`) placed like the parameters it mirrors; step and
+    rng replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = jax.tree.map(lambda x: x.sharding, split_master)
     abstract = jax.eval_shape(optimizer.init, split_master)
@@ -142,7 +150,13 @@ def initial_state(split_master: dict, optimizer, seed: int, mesh: Mesh) -> Train
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(split_master)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
-    return TrainState(split_master, opt_state, step, rng)
+    averaged = None
+    if with_ema:
+        # A copy, not an alias: the step donates the state, so no two leaves may share a buffer.
+        with use_mesh(mesh):
+            params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings)(split_master)
+        averaged = EMAState(params, jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    return TrainState(split_master, opt_state, step, rng, averaged)
 
 
 class StepCost(NamedTuple):
@@ -164,10 +178,12 @@ def abstract_of(tree):
 
 
 def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filter, iterator,
-          mesh: Mesh, uses_history: bool = True) -> TrainState:
+          mesh: Mesh, uses_history: bool = True, cost_fn=None) -> TrainState:
     """Run config.total_steps optimizer steps (resuming from the latest checkpoint in
     WORKDIR/checkpoints if there is one). `model` is already placed on `mesh`; `iterator` yields
-    this process's rows of each global batch and has get_state / set_state (grain)."""
+    this process's rows of each global batch and has get_state / set_state (grain).
+    `cost_fn(model_config, local_batch) -> StepCost` for batches that are not one chunk per row
+    (default: step_cost). With config.ema the state carries the EMA of the trainable parameters."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     grad_accum = int(config.train.grad_accum)
@@ -179,7 +195,8 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     split, master = split_model(model, trainable_filter)
     frozen, model_config = split.frozen, model.config
     del model  # its arrays live on in `master` / `frozen`
-    state = initial_state(master, optimizer, int(config.seed), mesh)
+    ema = config.get("ema")
+    state = initial_state(master, optimizer, int(config.seed), mesh, with_ema=ema is not None)
 
     checkpoints = Checkpoints(workdir, config)
     latest = checkpoints.latest_step()
@@ -191,7 +208,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     metrics_log = MetricsLog(workdir, int(state.step))
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(split, loss_fn, optimizer, grad_accum),
+    step_fn = jax.jit(make_train_step(split, loss_fn, optimizer, grad_accum, ema=ema),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
     steps, log_every = int(config.total_steps), int(config.train.log_every)
     peak = peak_flops(jax.devices()[0])
@@ -201,7 +218,8 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
         for step in range(int(state.step), steps):
             local = next(iterator)
             if cost is None:
-                cost = step_cost(model_config, local, uses_history=uses_history)
+                cost = (cost_fn(model_config, local) if cost_fn is not None
+                        else step_cost(model_config, local, uses_history=uses_history))
             state, metrics = step_fn(state, frozen, place_batch(local, mesh))
             done = step + 1
             if done % log_every == 0 or done == steps:
