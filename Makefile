@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 # python3.12 may be a pyenv shim that refuses when 3.12 is not the active version: try candidates.
 PYTHON312 := $(shell for p in python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
-PYTEST_ARGS ?= -q -n 2
+# loadfile: a file's tests share one worker, so module fixtures (subprocess runs) happen once.
+PYTEST_ARGS ?= -q -n 2 --dist loadfile
 
 .PHONY: demo test install install-test bench clean
 

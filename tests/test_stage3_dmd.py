@@ -19,13 +19,14 @@ from flax import nnx
 
 from test_trainer import REPO, command_env, logged
 
-CONFIG = "configs/train/stage3_dmd.py:gan,tiny"
-STEPS = 12  # generator updates at steps 0, 5 and 10
+# Without the GAN heads: the gradient tests above cover them; this keeps the compile small.
+CONFIG = "configs/train/stage3_dmd.py:tiny"
+STEPS = 7  # generator updates at steps 0 and 5
 
 
 def train_command(workdir, *overrides):
     return [sys.executable, "-m", "helios_jax", "train", "--config", CONFIG, "--workdir", str(workdir),
-            f"--config.total_steps={STEPS}", "--config.checkpoint_every=4", *overrides]
+            f"--config.total_steps={STEPS}", "--config.checkpoint_every=3", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,14 @@ GRADIENT_SCRIPT = textwrap.dedent("""
                         "critic_lora": sum(1 for _ in nnx.to_flat_state(nnx.state(critic, LoRAParam))),
                         "critic_all": len(jax.tree.leaves(c_master))}
 
-    # The critic trained alone (generator fixed, no GAN): its denoising loss over 48 steps.
+    # The critic trained alone (generator fixed, no GAN): its denoising loss over 32 steps.
     config.critic_optimizer.lr = 3e-3
     g_opt, c_opt = make_optimizer(config.optimizer), make_optimizer(config.critic_optimizer)
     state = initial_distill_state(g_master, c_master, g_opt, c_opt, 0, make_mesh(fsdp=1))
     _, critic_step = make_distill_steps(g_split, c_split, g_opt, c_opt, config)
     critic_step = jax.jit(critic_step, static_argnums=5)
     losses = []
-    for _ in range(48):
+    for _ in range(32):
         state, metrics = critic_step(state, g_split.frozen, c_split.frozen, batch, jnp.asarray(False), False)
         losses.append(float(metrics["critic_loss"]))
     out["critic_alone"] = losses
@@ -163,7 +164,7 @@ def test_critic_loss_reaches_only_the_critic_adapters_and_heads(gradient_report)
 
 def test_critic_loss_falls_when_trained_alone(gradient_report):
     losses = gradient_report["critic_alone"]
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < 0.8 * first, (first, last)
 
 
@@ -177,7 +178,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
     assert [r["generator_step"] for r in reference] == [s % 5 == 0 for s in range(STEPS)]
 
     workdir = tmp_path / "killed"
-    kill_after = random.Random().randint(5, 9)
+    kill_after = random.Random().randint(3, 5)
     process = subprocess.Popen(train_command(workdir), env=command_env(cache_dir), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -198,7 +199,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
     assert "resumed from" in result.stdout
     resumed = logged(workdir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    for key in ("loss", "critic_loss", "gan_d_loss", "r1"):
+    for key in ("loss", "critic_loss", "critic_grad_norm"):
         assert [r[key] for r in resumed] == [r[key] for r in reference], f"{key}, killed at step {killed_at}"
     generator = lambda records: [r.get("generator_loss") for r in records]  # noqa: E731
     assert generator(resumed) == generator(reference), f"killed at step {killed_at}"
