@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
+
 SPATIAL_MULTIPLE = 16  # 8x VAE downsampling, then the transformer's 2x2 patches
 
 
@@ -32,13 +34,6 @@ def add_command(commands) -> None:
 
 
 NEGATIVE_PROMPT_EMBED = "negative_prompt_embed"
-# The training config's default negative prompt (reference helios/utils/train_config.py), the real
-# score's unconditional text in Stage 3b.
-TRAINING_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards")
 
 
 def run(args, overrides) -> None:

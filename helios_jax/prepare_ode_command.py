@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
+
 # 8x VAE, then the coarsest of the 3 pyramid stages (1/4 of the latent) must still patchify whole
 # into 2x2 patches: the pipeline's own size rule (pipeline.check_size).
 SPATIAL_MULTIPLE = 64
-# The reference's default negative prompt (tools/offload_data/get_ode-pairs.py).
-DEFAULT_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards")
 TINY_TEACHER_SEED = 0  # the tiny-random teacher = the tiny-random transformer a `:tiny` run with seed 0 builds
 
 
@@ -38,7 +34,7 @@ def add_command(commands) -> None:
     prepare.add_argument("--teacher-steps", type=int, default=20, help="teacher UniPC steps per pyramid stage")
     prepare.add_argument("--guidance-scale", type=float, default=5.0, help="the teacher's CFG scale")
     prepare.add_argument("--seed", type=int, default=42, help="seed of the teacher's noise (the same for every prompt)")
-    prepare.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
+    prepare.add_argument("--negative-prompt", default=TRAINING_NEGATIVE_PROMPT,
                          help="negative prompt of the teacher's CFG (default: the reference's)")
     prepare.set_defaults(run=run)
 

@@ -22,7 +22,8 @@ from flax import nnx
 from helios_jax.cli import main
 from helios_jax.config_flags import apply_overrides, load_config
 from helios_jax.parallel import make_mesh, shard_state
-from helios_jax.prepare_ode_command import DEFAULT_NEGATIVE_PROMPT, load_teacher
+from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
+from helios_jax.prepare_ode_command import load_teacher
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.training.checkpointing import Checkpoints
@@ -51,7 +52,7 @@ def plain_first_chunk(data: Path, out: Path) -> None:
     channels, size = teacher.config.in_channels, (HEIGHT // 8, WIDTH // 8)
     inputs = rollout.chunk_inputs(NoiseSource(SEED), plan, jnp.zeros((1, channels, 19, *size)),
                                   jnp.zeros((1, channels, 1, *size)), record["prompt_embed"][None],
-                                  text_encoder.encode_negative(DEFAULT_NEGATIVE_PROMPT, 1))
+                                  text_encoder.encode_negative(TRAINING_NEGATIVE_PROMPT, 1))
     latents = make_chunk_program(nnx.graphdef(teacher))(plan.spec, nnx.state(teacher), inputs, plan.tables)
     np.save(out, np.asarray(latents))
 

@@ -7,17 +7,14 @@ a SIGKILLed `helios-jax train` run resumes to the uninterrupted run's exact loss
 run in subprocesses with fast-compile XLA flags and one persistent compilation cache."""
 import json
 import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from test_trainer import REPO, command_env, logged
+from test_trainer import REPO, command_env, kill_after_a_checkpoint, logged
 
 # Without the GAN heads: the gradient tests above cover them; this keeps the compile small.
 CONFIG = "configs/train/stage3_dmd.py:tiny"
@@ -181,17 +178,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
     kill_after = random.Random().randint(3, 5)
     process = subprocess.Popen(train_command(workdir), env=command_env(cache_dir), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        steps = [r["step"] for r in logged(workdir)]
-        saved = list((workdir / "checkpoints").glob("[0-9]*"))
-        if steps and steps[-1] >= kill_after and saved:
-            break
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, f"finished before the kill: {process.stderr.read()[-2000:]}"
-    killed_at = logged(workdir)[-1]["step"]
+    killed_at = kill_after_a_checkpoint(process, workdir, kill_after)
 
     result = subprocess.run(train_command(workdir), env=command_env(cache_dir), cwd=REPO, capture_output=True,
                             text=True, timeout=900)

@@ -228,23 +228,29 @@ def _leaf_paths(tree, prefix=()):
         yield prefix
 
 
-def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference_run, cache_dir, tmp_path):
-    kill_after = random.Random().randint(12, 30)
-    process = subprocess.Popen(train_command(tmp_path, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),
-                               env=command_env(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 400
-    checkpoints = tmp_path / "checkpoints"
+def kill_after_a_checkpoint(process, workdir, step: int, timeout: float = 600) -> int:
+    """SIGKILL the training `process` once it has logged `step` and saved a checkpoint; the last
+    step it logged."""
+    deadline = time.monotonic() + timeout
+    checkpoints = Path(workdir) / "checkpoints"
     while time.monotonic() < deadline and process.poll() is None:
-        steps = [r["step"] for r in logged(tmp_path)]
+        steps = [r["step"] for r in logged(workdir)]
         saved = [p for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.exists() else []
-        if steps and steps[-1] >= kill_after and saved:
+        if steps and steps[-1] >= step and saved:
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"finished before the kill: {process.stderr.read()[-2000:]}"
-    killed_at = logged(tmp_path)[-1]["step"]
+    return logged(workdir)[-1]["step"]
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference_run, cache_dir, tmp_path):
+    kill_after = random.Random().randint(12, 30)
+    process = subprocess.Popen(train_command(tmp_path, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),
+                               env=command_env(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    killed_at = kill_after_a_checkpoint(process, tmp_path, kill_after)
     assert killed_at < REFERENCE_STEPS
 
     result = subprocess.run(train_command(tmp_path, cache_dir, f"--config.total_steps={REFERENCE_STEPS}"),

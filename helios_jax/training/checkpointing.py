@@ -67,6 +67,14 @@ class Checkpoints:
             data=grain.checkpoint.CheckpointSave(iterator),
             config=ocp.args.JsonSave(self.config)))
 
+    def save_step(self, done: int, total: int, state, iterator) -> bool:
+        """After step `done` of `total`: save when it is a checkpoint step, the last step, or a
+        preemption is signalled. True when the run should stop now (preempted; the step is saved,
+        so re-running the command resumes here)."""
+        last = done == total and self.latest_step() != done
+        self.save(done, state, iterator, force=last)
+        return self.manager.reached_preemption(done)
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

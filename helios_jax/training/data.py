@@ -108,18 +108,28 @@ def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool =
     [B,z,9,h,w], prompt_embeds [B,512,D]} (numpy float32), B = batch_size / number of shards.
 
     `paired` adds a second chunk of each clip (x0_latents_2, history_latents_2, target_latents_2,
-    prompt_embeds_2) for Stage 3b. `batch_size` is global. `shard_options` defaults to one shard per JAX process (equal shards: a
-    remainder of records is left out so every host takes the same number of steps). num_epochs=None
+    prompt_embeds_2) for Stage 3b. `batch_size` is global. `shard_options` defaults to one shard per
+    JAX process (equal shards: a remainder of records is left out so every host takes the same
+    number of steps). num_epochs=None
     repeats forever; a partial last batch is dropped. The iterator has get_state() / set_state().
     """
-    dataset = LatentDataset(path)
+    return epoch_loader(LatentDataset(path), _ChunkSample(paired), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                        num_epochs=num_epochs, worker_count=worker_count, shard_options=shard_options, items="clips")
+
+
+def epoch_loader(dataset, transform, *, batch_size: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, worker_count: int = 0,
+                 shard_options: grain.sharding.ShardOptions | None = None, items: str = "records"):
+    """grain batches of `transform`ed records of `dataset` (a random-access source with `.path`):
+    shuffled per (seed, epoch), sharded over hosts (equal shards), checkpointable. `items` names
+    the records in errors."""
     if shard_options is None:
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     shards = shard_options.shard_count
     if batch_size < 1 or batch_size % shards:
         raise ValueError(f"batch_size={batch_size}: must be a positive multiple of the {shards} data shard(s) (hosts)")
     if shard_length(len(dataset), shard_options) < 1:
-        raise ValueError(f"{dataset.path}: {len(dataset)} clips cannot be split over {shards} hosts")
+        raise ValueError(f"{dataset.path}: {len(dataset)} {items} cannot be split over {shards} hosts")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed}: must be in [0, 2**32)")
     if worker_count:
@@ -128,7 +138,7 @@ def make_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bool =
     loader = grain.DataLoader(
         data_source=dataset,
         sampler=sampler,
-        operations=[_ChunkSample(paired), grain.transforms.Batch(batch_size // shards, drop_remainder=True)],
+        operations=[transform, grain.transforms.Batch(batch_size // shards, drop_remainder=True)],
         worker_count=worker_count,
         shard_options=shard_options,
     )

@@ -22,16 +22,14 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from helios_jax.distributed import is_main_process, log
+from helios_jax.distributed import log
 from helios_jax.parallel import use_mesh
-from helios_jax.training.checkpointing import Checkpoints
 from helios_jax.training.dmd import Critic, critic_loss, generator_loss
 from helios_jax.training.ema import EMAState, ema_init, ema_update
 from helios_jax.training.lora import LoRAParam, trainable_filter
-from helios_jax.training.metrics import MetricsLog
 from helios_jax.training.optimizer import make_optimizer
-from helios_jax.training.trainer import SplitModel, abstract_of, initial_state, merge_model, place_batch, \
-    split_model
+from helios_jax.training.trainer import SplitModel, initial_state, merge_model, place_batch, split_model, \
+    start_run
 
 
 class DistillState(NamedTuple):
@@ -69,10 +67,8 @@ def make_distill_steps(generator_split: SplitModel, critic_split: SplitModel, ge
             generator = merge_model(generator_split, trainable, frozen_g)
             return generator_loss(generator, critic, batch, key, state.step, config, gan_active=gan)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.generator)
-        updates, opt_state = generator_opt.update(grads, state.generator_opt, state.generator)
-        trainable = optax.apply_updates(state.generator, updates)
-        metrics["generator_grad_norm"] = optax.tree.norm(grads)
+        trainable, opt_state, metrics = _update(generator_opt, loss_of, state.generator, state.generator_opt)
+        metrics["generator_grad_norm"] = metrics.pop("grad_norm")
         return state._replace(generator=trainable, generator_opt=opt_state), metrics
 
     def critic_step(state: DistillState, frozen_g, frozen_c, batch, update_ema, gan: bool):
@@ -83,17 +79,23 @@ def make_distill_steps(generator_split: SplitModel, critic_split: SplitModel, ge
             critic = merge_model(critic_split, trainable, frozen_c)
             return critic_loss(critic, generator, batch, key, state.step, config, gan_active=gan)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.critic)
-        updates, opt_state = critic_opt.update(grads, state.critic_opt, state.critic)
-        trainable = optax.apply_updates(state.critic, updates)
+        trainable, opt_state, metrics = _update(critic_opt, loss_of, state.critic, state.critic_opt)
+        metrics["critic_grad_norm"] = metrics.pop("grad_norm")
         averaged = ema_update(state.ema, state.generator, decay=float(config.ema.decay),
                               update_after_step=int(config.ema.start_step))
         ema = jax.tree.map(lambda new, old: jnp.where(update_ema, new, old), averaged, state.ema)
-        metrics["critic_grad_norm"] = optax.tree.norm(grads)
         return DistillState(state.generator, state.generator_opt, trainable, opt_state, ema, state.step + 1,
                             state.rng), metrics
 
     return generator_step, critic_step
+
+
+def _update(optimizer, loss_of, params, opt_state):
+    """One optimizer update of `params` on loss_of(params) -> (loss, metrics): (params, opt_state,
+    metrics + grad_norm before clipping)."""
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def initial_distill_state(generator_master, critic_master, generator_opt, critic_opt, seed: int,
@@ -121,14 +123,7 @@ def train_dmd(config, workdir, *, generator: nnx.Module, critic: Critic, iterato
     del generator, critic
     state = initial_distill_state(generator_master, critic_master, generator_opt, critic_opt, int(config.seed), mesh)
 
-    checkpoints = Checkpoints(workdir, config)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state = checkpoints.restore(latest, abstract_of(state), iterator)
-        log(f"train: resumed from {checkpoints.directory / str(latest)} at step {int(state.step)}")
-    if is_main_process():
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    metrics_log = MetricsLog(workdir, int(state.step))
+    state, checkpoints, metrics_log = start_run(workdir, config, state, iterator)
 
     generator_step, critic_step = make_distill_steps(generator_split, critic_split, generator_opt, critic_opt, config)
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -160,9 +155,7 @@ def train_dmd(config, workdir, *, generator: nnx.Module, critic: Critic, iterato
                 metrics_log.write({"step": done, **values, "generator_step": moved,
                                    "step_time_s": elapsed / (done - since_step)})
                 since, since_step = time.perf_counter(), done
-            last = done == steps and checkpoints.latest_step() != done
-            checkpoints.save(done, state, iterator, force=last)
-            if checkpoints.manager.reached_preemption(done):
+            if checkpoints.save_step(done, steps, state, iterator):
                 log(f"train: preemption signalled; saved step {done} and stopping")
                 break
     checkpoints.close()

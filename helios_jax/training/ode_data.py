@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from helios_jax.data.storage import TEXT, RecordDataset, write_records
-from helios_jax.training.data import EpochSampler, _use_default_grain_flags, shard_length
+from helios_jax.training.data import epoch_loader
 from helios_jax.training.ode_teacher import MAX_STUDENT_STEPS, NUM_STAGES, StageTrajectory
 
 DATASET_NAME = "helios_ode_pairs"
@@ -84,27 +84,8 @@ def make_ode_loader(path: str | Path, *, batch_size: int, seed: int, shuffle: bo
     """An iterator of batches of ODE records ([B, ...] arrays, B = batch_size / number of shards;
     the spec trains with 1), shuffled per (seed, epoch) and sharded over hosts like training/data.py's
     loader; it has get_state() / set_state()."""
-    dataset = OdeDataset(path)
-    if shard_options is None:
-        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    shards = shard_options.shard_count
-    if batch_size < 1 or batch_size % shards:
-        raise ValueError(f"batch_size={batch_size}: must be a positive multiple of the {shards} data shard(s) (hosts)")
-    if shard_length(len(dataset), shard_options) < 1:
-        raise ValueError(f"{dataset.path}: {len(dataset)} prompts cannot be split over {shards} hosts")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed}: must be in [0, 2**32)")
-    if worker_count:
-        _use_default_grain_flags()
-    sampler = EpochSampler(len(dataset), shard_options, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-    loader = grain.DataLoader(
-        data_source=dataset,
-        sampler=sampler,
-        operations=[_TrainingArrays(), grain.transforms.Batch(batch_size // shards, drop_remainder=True)],
-        worker_count=worker_count,
-        shard_options=shard_options,
-    )
-    return iter(loader)
+    return epoch_loader(OdeDataset(path), _TrainingArrays(), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                        num_epochs=num_epochs, worker_count=worker_count, shard_options=shard_options, items="prompts")
 
 
 def synthetic_ode_records(model_config, *, count: int = 4, num_chunks: int = 3, latent_hw=(16, 16),

@@ -177,6 +177,19 @@ def abstract_of(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def start_run(workdir, config, state, iterator):
+    """(state, Checkpoints, MetricsLog) of a run in `workdir`: `state` restored from the latest
+    checkpoint when there is one (the iterator set to match), the resolved config written."""
+    checkpoints = Checkpoints(workdir, config)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state = checkpoints.restore(latest, abstract_of(state), iterator)
+        log(f"train: resumed from {checkpoints.directory / str(latest)} at step {int(state.step)}")
+    if is_main_process():
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return state, checkpoints, MetricsLog(workdir, int(state.step))
+
+
 def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filter, iterator,
           mesh: Mesh, uses_history: bool = True, cost_fn=None) -> TrainState:
     """Run config.total_steps optimizer steps (resuming from the latest checkpoint in
@@ -198,14 +211,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
     ema = config.get("ema")
     state = initial_state(master, optimizer, int(config.seed), mesh, with_ema=ema is not None)
 
-    checkpoints = Checkpoints(workdir, config)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state = checkpoints.restore(latest, abstract_of(state), iterator)
-        log(f"train: resumed from {checkpoints.directory / str(latest)} at step {int(state.step)}")
-    if is_main_process():
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    metrics_log = MetricsLog(workdir, int(state.step))
+    state, checkpoints, metrics_log = start_run(workdir, config, state, iterator)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(split, loss_fn, optimizer, grad_accum, ema=ema),
@@ -232,12 +238,7 @@ def train(config, workdir, *, model: nnx.Module, loss_fn: LossFn, trainable_filt
                           "mfu": (cost.flops / step_time / (peak * jax.device_count())) if peak else "n/a"}
                 metrics_log.write(record)
                 since, since_step = time.perf_counter(), done
-            # The manager saves at multiples of checkpoint_every (and when a preemption is signalled).
-            last = done == steps and checkpoints.latest_step() != done
-            checkpoints.save(done, state, iterator, force=last)
-            if checkpoints.manager.reached_preemption(done):
-                # The manager saved this step because the slice is being preempted: stop cleanly;
-                # re-running the command resumes here.
+            if checkpoints.save_step(done, steps, state, iterator):
                 log(f"train: preemption signalled; saved step {done} and stopping")
                 break
     checkpoints.close()
