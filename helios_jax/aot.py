@@ -280,33 +280,26 @@ def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
     rank 128 on every linear and the patch embedding, full fp32 history patchers, the flow-matching
     loss with history augmentation, clip + AdamW on the trainable parameters only (fp32 masters and
     moments, sharded like the parameters), the frozen base in bf16."""
-    import optax
-
     from helios_jax.config_flags import REPO_CONFIGS, load_config
     from helios_jax.models.transformer import HeliosTransformer3DModel
     from helios_jax.training.flow_matching import stage1_loss
     from helios_jax.training.lora import add_lora, trainable_filter
     from helios_jax.training.optimizer import make_optimizer
-    from helios_jax.training.trainer import SplitModel, TrainState, make_train_step
+    from helios_jax.training.trainer import TrainState, make_train_step
 
     del graphdef, state  # the base model is rebuilt with its adapters
     train_config = load_config(str(REPO_CONFIGS / "train" / "stage_1_init.py"))
     lora = train_config.lora
-    model = nnx.eval_shape(lambda: add_lora(
-        HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)), rank=int(lora.rank), alpha=float(lora.alpha),
-        patch_embedding=lora.patch_embedding, history_patches=lora.history_patches, rngs=nnx.Rngs(1)))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora.history_patches), ...)
-    frozen = jax.tree.map(lambda var: _abstract_variable(var, mesh), frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    variables = [var for _, var in nnx.to_flat_state(trainable)]
-    masters = [_sharded_struct(var, mesh, jnp.float32) for var in variables]
-    master = jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(trainable)), masters)
-    split = SplitModel(graphdef, jax.tree.structure(trainable), [var.get_value().dtype for var in variables], frozen)
-    optimizer = make_optimizer(train_config.optimizer)
+
+    def model():  # built abstractly inside _abstract_split (nnx.eval_shape): nothing is allocated
+        return add_lora(HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)), rank=int(lora.rank),
+                        alpha=float(lora.alpha), patch_embedding=lora.patch_embedding,
+                        history_patches=lora.history_patches, rngs=nnx.Rngs(1))
+
+    split, master, opt_state, optimizer = _abstract_split(model, trainable_filter(lora.history_patches),
+                                                          make_optimizer(train_config.optimizer), mesh)
+    frozen = split.frozen
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_abstract = jax.eval_shape(optimizer.init, master)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, m: m.sharding, opt_abstract, master,
-                                          transform_non_params=lambda _: replicated)
-    opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_abstract, opt_shardings)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
     train_state = TrainState(master, opt_state, step, rng)
