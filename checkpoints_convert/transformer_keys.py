@@ -96,6 +96,31 @@ def locate(key: str) -> Target | None:
     return IGNORED_KEY if is_ignored(canonical) else target_of(canonical)
 
 
+# Our module and parameter names that differ from diffusers' (everything else is the same dotted path).
+_TORCH_MODULE_NAMES = {"to_out": "to_out.0", "linear_in": "net.0.proj", "linear_out": "net.2"}
+_TORCH_PARAM_NAMES = {"kernel": "weight", "scale": "weight"}
+
+
+def diffusers_module_name(path, layer: int | None = None) -> str:
+    """diffusers' module name of our module at `path` (a tuple of names), with the layer index for
+    the stacked blocks: ("blocks", "ffn", "linear_in"), 3 -> "blocks.3.ffn.net.0.proj"."""
+    names = [_TORCH_MODULE_NAMES.get(str(p), str(p)) for p in path]
+    if names and names[0] == "blocks":
+        names.insert(1, str(layer))
+    return ".".join(names)
+
+
+def torch_key_of(path: str, layer: int | None) -> tuple[str, str]:
+    """(diffusers key, layout transform) of our leaf `path` (layer `layer` of a stacked leaf): the
+    inverse of `target_of`, checked against it."""
+    *modules, param = path.split(".")
+    key = ".".join(filter(None, [diffusers_module_name(modules, layer), _TORCH_PARAM_NAMES.get(param, param)]))
+    target = target_of(key)
+    if target is None or target.path != path or target.layer != layer:
+        raise KeyError(f"no diffusers key for parameter {path}" + (f" layer {layer}" if layer is not None else ""))
+    return key, target.transform
+
+
 def to_our_layout(array: np.ndarray, transform: str) -> np.ndarray:
     if transform == LINEAR:
         return array.T

@@ -7,8 +7,8 @@ import sys
 import time
 
 from checkpoints_convert.command import add_commands
-from helios_jax import (aot_command, distributed, generate_command, prepare_data_command, prepare_ode_command,
-                        serve_command, train_command)
+from helios_jax import (aot_command, distributed, generate_command, merge_lora_command, prepare_data_command,
+                        prepare_ode_command, serve_command, train_command)
 from helios_jax import __version__
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_data_command.add_command(commands)
     prepare_ode_command.add_command(commands)
     train_command.add_command(commands)
+    merge_lora_command.add_command(commands)
     return parser
 
 

@@ -30,6 +30,8 @@ def add_command(commands) -> None:
         description="Generate a video with Helios. Each chunk is decoded and appended to the mp4 as soon as it "
         "is denoised. --model tiny-random runs small random components without any weights.")
     generate.add_argument("--model", required=True, help="model folder (diffusers format or converted) or 'tiny-random'")
+    generate.add_argument("--transformer", help="transformer folder to use instead of the model's (e.g. written by "
+                          "`helios-jax merge-lora` from a training run)")
     generate.add_argument("--prompt", help="text prompt (not needed with --prompts-csv)")
     generate.add_argument("--out", required=True, help="output .mp4 path")
     generate.add_argument("--variant", choices=VARIANTS, help="base, mid or distilled (default: read from the model folder; "
@@ -77,6 +79,8 @@ def check_arguments(args) -> None:
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.model != "tiny-random" and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such model folder")
+    if args.transformer is not None and not (Path(args.transformer) / "config.json").is_file():
+        raise FileNotFoundError(f"--transformer {args.transformer}: not a transformer folder (no config.json)")
     if (args.prompt is None) == (args.prompts_csv is None):
         raise ValueError("give exactly one of --prompt and --prompts-csv")
     out = Path(args.out)
@@ -112,8 +116,8 @@ def _load_pipeline(args):
     from helios_jax.pipeline import HeliosPipeline
 
     if args.model == "tiny-random":
-        return HeliosPipeline.tiny_random(args.variant or "distilled", seed=args.seed)
-    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype)
+        return HeliosPipeline.tiny_random(args.variant or "distilled", seed=args.seed, transformer=args.transformer)
+    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype, transformer=args.transformer)
     if args.variant and args.variant != pipe.variant:
         raise ValueError(f"--variant {args.variant}: the model folder {args.model} holds the {pipe.variant} variant")
     if pipe.text_encoder is None:

@@ -79,16 +79,19 @@ class HeliosPipeline:
     # Construction
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, mesh=None) -> "HeliosPipeline":
+    def from_pretrained(cls, path, *, dtype=None, mesh=None, transformer=None) -> "HeliosPipeline":
         """A model folder (diffusers format or converted by `helios-jax convert`) with transformer/,
-        vae/, scheduler/ and optionally text_encoder/ + tokenizer/ (without them, pass embeddings)."""
+        vae/, scheduler/ and optionally text_encoder/ + tokenizer/ (without them, pass embeddings).
+        `transformer`: a transformer folder used instead of the model folder's (e.g. written by
+        `helios-jax merge-lora` from a training run)."""
         from helios_jax.loading import load
         from helios_jax.text.prompt_embeddings import TextEncoder
 
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such model folder")
-        for part in ("transformer", "vae", "scheduler"):
+        transformer_folder = _transformer_folder(transformer) if transformer is not None else folder / "transformer"
+        for part in ("vae", "scheduler") if transformer is not None else ("transformer", "vae", "scheduler"):
             if not (folder / part).is_dir():
                 raise FileNotFoundError(f"{folder}: no {part}/ folder (a Helios model folder needs transformer/, vae/, scheduler/)")
         flags = _pipeline_flags(folder / "model_index.json")
@@ -96,7 +99,7 @@ class HeliosPipeline:
         if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
             text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype, mesh=mesh)
         return cls(
-            load(folder / "transformer", dtype=dtype, mesh=mesh),
+            load(transformer_folder, dtype=dtype, mesh=mesh),
             load(folder / "vae", mesh=mesh),
             HeliosScheduler.from_folder(str(folder / "scheduler")),
             text_encoder,
@@ -105,12 +108,22 @@ class HeliosPipeline:
         )
 
     @classmethod
-    def tiny_random(cls, variant: str = "distilled", *, seed: int = 0) -> "HeliosPipeline":
-        """Small random components built in memory: the whole path runs without weights."""
+    def tiny_random(cls, variant: str = "distilled", *, seed: int = 0, transformer=None) -> "HeliosPipeline":
+        """Small random components built in memory: the whole path runs without weights.
+        `transformer`: a transformer folder of the tiny-random shape (e.g. `helios-jax merge-lora`
+        of a `:tiny` training run) used instead of the random one."""
+        from helios_jax.loading import load
         from helios_jax.tiny_random import tiny_random_components
 
         variants_lib.check_variant(variant)
-        return cls(**tiny_random_components(variant, seed=seed), **variants_lib.PIPELINE_FLAGS[variant])
+        components = tiny_random_components(variant, seed=seed)
+        if transformer is not None:
+            components["transformer"] = load(_transformer_folder(transformer))
+            expected = components["text_encoder"].encoder.config.d_model
+            if components["transformer"].config.text_dim != expected:
+                raise ValueError(f"{transformer}: its text_dim {components['transformer'].config.text_dim} is not the "
+                                 f"tiny-random text encoder's {expected} (train with the tiny-random model config)")
+        return cls(**components, **variants_lib.PIPELINE_FLAGS[variant])
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -431,3 +444,10 @@ def _pipeline_flags(model_index: Path) -> dict:
         raise ValueError(f"{model_index}: invalid JSON ({error})") from None
     return dict(is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
                 is_distilled=bool(index.get("is_distilled", False)))
+
+
+def _transformer_folder(path) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a transformer folder (no config.json)")
+    return folder

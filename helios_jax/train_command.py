@@ -30,13 +30,12 @@ DISTILL_STAGES = ("stage3_dmd",)  # generator + critic, dmd_trainer.train_dmd
 def run_train(args, overrides) -> None:
     distributed.initialize_if_configured()  # no-op when main() already joined the hosts
     import jax
-    from flax import nnx
 
     from helios_jax.config_flags import apply_overrides, load_config
-    from helios_jax.parallel import make_mesh, shard_state
+    from helios_jax.parallel import make_mesh
     from helios_jax.training.checkpointing import Checkpoints
-    from helios_jax.training.lora import add_lora, trainable_filter
-    from helios_jax.training.model_setup import build_model
+    from helios_jax.training.lora import trainable_filter
+    from helios_jax.training.model_setup import build_student
     from helios_jax.training.trainer import train
 
     config = apply_overrides(load_config(args.config), overrides)
@@ -55,13 +54,9 @@ def run_train(args, overrides) -> None:
     existing.check_latest_config()
     existing.close()
     mesh = make_mesh(**{axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor", "seq")})
-    model = build_model(config, mesh)
+    model = build_student(config, mesh)
     if config.train.stage in DISTILL_STAGES:
         return _run_dmd(args, config, model, iterator, mesh)
-    add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
-             rngs=nnx.Rngs(int(config.seed) + 1))
-    shard_state(model, mesh)  # the new adapters (and fp32 patchers) by their logical axes
     distributed.log(f"train: {args.config} -> {args.workdir}  {config.train.stage}  data={config.data_dir}  "
                     f"mesh={dict(mesh.shape)}  LoRA rank {config.lora.rank}")
     train(config, args.workdir, model=model, loss_fn=_stage_loss(config),
@@ -70,9 +65,9 @@ def run_train(args, overrides) -> None:
 
 
 def _run_dmd(args, config, generator, iterator, mesh) -> None:
-    """Stage 3b: the generator (config.model) with its LoRA, the critic = the score backbone
-    (config.score.init; random from seed + 1 when empty) with its own LoRA and, in the GAN
-    version, the discriminator heads."""
+    """Stage 3b: the generator (config.model with its LoRA, from build_student), the critic = the
+    score backbone (config.score.init; random from seed + 1 when empty) with its own LoRA and, in
+    the GAN version, the discriminator heads."""
     import ml_collections
     import numpy as np
     from flax import nnx
@@ -84,9 +79,6 @@ def _run_dmd(args, config, generator, iterator, mesh) -> None:
     from helios_jax.training.lora import add_lora
     from helios_jax.training.model_setup import build_model
 
-    add_lora(generator, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
-             rngs=nnx.Rngs(int(config.seed) + 1))
     score_config = ml_collections.ConfigDict(config.to_dict())
     score_config.model.init = config.score.init
     score_config.seed = int(config.seed) + 1  # a random score backbone differs from the generator's
@@ -99,7 +91,6 @@ def _run_dmd(args, config, generator, iterator, mesh) -> None:
         heads = GanHeads(model_config.num_attention_heads * model_config.attention_head_dim, model_config.out_channels,
                          int(config.gan.cond_map_dim), hooks=tuple(config.gan.hooks), rngs=nnx.Rngs(int(config.seed) + 3))
     critic = Critic(backbone, heads)
-    shard_state(generator, mesh)
     shard_state(critic, mesh)
     negative = _negative_prompt_embeds(config, generator.config)
     distributed.log(f"train: {args.config} -> {args.workdir}  stage3_dmd  data={config.data_dir}  "

@@ -7,6 +7,7 @@ argv: a scratch folder. It runs
      starts from the teacher's weights (the reference's student init = Mid) -> SCRATCH/run,
   3. the student's deterministic distance to the teacher (ode_distance over every chunk, stage and
      stored step) before training, after it, and for the EMA, both restored from the last checkpoint,
+     and for the EMA fused into the transformer by `helios-jax merge-lora` -> SCRATCH/merged,
   4. the teacher's chunk 0 for the first prompt again, with the plain (not recording) chunk program
      on the same merged schedule and draws -> SCRATCH/plain_chunk0.npy,
 and prints one JSON line with what the test asserts on.
@@ -15,20 +16,23 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from helios_jax.cli import main
 from helios_jax.config_flags import apply_overrides, load_config
-from helios_jax.parallel import make_mesh, shard_state
+from helios_jax.parallel import make_mesh
 from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
 from helios_jax.prepare_ode_command import load_teacher
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.training.checkpointing import Checkpoints
-from helios_jax.training.lora import add_lora, trainable_filter
-from helios_jax.training.model_setup import build_model
+from helios_jax.loading import load
+from helios_jax.pipeline import HeliosPipeline
+from helios_jax.training.lora import trainable_filter
+from helios_jax.training.model_setup import build_student
 from helios_jax.training.ode_data import OdeDataset, make_ode_loader
 from helios_jax.training.ode_regression import ode_distance
 from helios_jax.training.ode_teacher import TeacherRollout
@@ -67,19 +71,9 @@ def record_batches(path):
     return batches
 
 
-def student(config, mesh):
-    """The model `helios-jax train` builds for `config` (same seeds), LoRA attached."""
-    model = build_model(config, mesh)
-    add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
-             rngs=nnx.Rngs(int(config.seed) + 1))
-    shard_state(model, mesh)
-    return model
-
-
 def restored_models(config, workdir, mesh):
     """(trained student, its EMA, restored state) from the run's last checkpoint."""
-    model = student(config, mesh)
+    model = build_student(config, mesh)
     split, master = split_model(model, trainable_filter(config.lora.history_patches))
     abstract = abstract_of(initial_state(master, make_optimizer(config.optimizer), int(config.seed), mesh,
                                          with_ema=True))
@@ -106,19 +100,27 @@ def run(scratch: Path) -> dict:
     config = apply_overrides(load_config(CONFIG), overrides)
     mesh = make_mesh(fsdp=-1)
     batches = record_batches(data)
-    initial = student(config, mesh)
+    initial = build_student(config, mesh)
     before = float(np.mean([ode_distance(initial, b) for b in batches]))
     del initial
     code = main(["train", "--config", CONFIG, "--workdir", str(workdir), *overrides])
     assert code == 0, f"train exited {code}"
     trained, ema, state = restored_models(config, workdir, mesh)
     losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    code = main(["merge-lora", "--workdir", str(workdir), "--out", str(scratch / "merged")])
+    assert code == 0, f"merge-lora exited {code}"
+    merged = load(scratch / "merged", dtype="float32")
+    pipe = HeliosPipeline.tiny_random("distilled", transformer=scratch / "merged")  # generate --transformer
+    uses_merged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(pipe.transformer)),
+                                                           jax.tree.leaves(nnx.state(merged))))
     return {
         "records": len(batches),
         "ids": [OdeDataset(data)[i]["id"] for i in range(len(batches))],
         "before": before,
         "after": float(np.mean([ode_distance(trained, b) for b in batches])),
         "ema_after": float(np.mean([ode_distance(ema, b) for b in batches])),
+        "merged_ema_after": float(np.mean([ode_distance(merged, b) for b in batches])),
+        "pipeline_uses_merged": uses_merged,
         "ema_updates": int(state.ema.updates),
         "step": int(state.step),
         "losses": losses,

@@ -32,6 +32,7 @@ from checkpoints_convert.param_store import ParamReader
 from helios_jax.cli import main
 from tests import diffusers_reference, transformers_reference, vae_reference
 from tests.test_transformer_parity import make_inputs
+from tests.xla_flags import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +203,7 @@ print("ok")
 def test_load_onto_a_two_device_mesh_reads_each_shard(round_trip):
     converted, _ = round_trip
     result = _cli("-c", MESH_SCRIPT, str(converted / "transformer"),
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+                  env={"XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.xla_flags import FAST_COMPILE
+
 REPO = Path(__file__).resolve().parents[1]
 DEVICES_PER_PROCESS = 4
 PROCESSES = 2
@@ -133,7 +135,7 @@ def test_two_processes_match_one_device(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_FLAGS"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES=str(PROCESSES), XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+               JAX_NUM_PROCESSES=str(PROCESSES), XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     # Output to files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
     logs = [tmp_path / f"process{i}.log" for i in range(PROCESSES)]
     workers = [subprocess.Popen([sys.executable, __file__, str(out_path), str(converted)], env={**env, "JAX_PROCESS_ID": str(i)},

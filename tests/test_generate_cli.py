@@ -42,6 +42,7 @@ def test_image_to_video_writes_an_mp4_chunk_by_chunk(tmp_path):
     (("--variant", "large"), "--variant"),
     (("--model", "no-such-folder"), "no-such-folder"),
     (("--pyramid-steps", "2,x"), "--pyramid-steps"),
+    (("--transformer", "no-such-transformer"), "--transformer"),
     (("--height", "96"), "multiples of 64"),  # a pyramid variant needs multiples of 64
 ])
 def test_bad_arguments_exit_non_zero_with_one_line(tmp_path, args, culprit):

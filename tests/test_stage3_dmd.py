@@ -191,6 +191,25 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
     generator = lambda records: [r.get("generator_loss") for r in records]  # noqa: E731
     assert generator(resumed) == generator(reference), f"killed at step {killed_at}"
 
+    # The run's generator as a transformer folder: its EMA (the Stage-3 default) and its last values.
+    from helios_jax.cli import main
+    from helios_jax.loading import load
+
+    folders = {}
+    for weights in ("ema", "trained"):
+        folders[weights] = tmp_path / f"merged_{weights}"
+        assert main(["merge-lora", "--workdir", str(workdir), "--weights", weights, "--out", str(folders[weights])]) == 0
+        merged_from = json.loads((folders[weights] / "conversion.json").read_text())["merged_from"]
+        assert merged_from == {**merged_from, "stage": "stage3_dmd", "step": STEPS, "weights": weights}
+    from helios_jax.training.run_weights import load_trained
+
+    ema, trained = (np.asarray(load(folders[w]).blocks.attn1.to_q.kernel.get_value()) for w in ("ema", "trained"))
+    # EMA updates at s = 0, 1 (s < ema.start_step = 2) and 5 (the generator moved): the third has
+    # k' = 3 - 2 - 1 = 0, so decay 0 (spec §7.3): the EMA is a copy of the generator here.
+    np.testing.assert_array_equal(ema, trained)
+    unmerged = np.asarray(load_trained(workdir, weights="trained").model.blocks.attn1.to_q.kernel.get_value())
+    assert np.abs(trained - unmerged).max() > 1e-6  # the generator's LoRA moved and is fused in
+
 
 def test_stage3_configs_carry_the_spec_numbers():
     from helios_jax.config_flags import load_config

@@ -28,9 +28,9 @@ from helios_jax.training.ode_regression import select_chunks, teacher_context
 from helios_jax.training.ode_schedules import teacher_stage_schedule
 from helios_jax.training.ode_teacher import draw_chunk_noise, plan_teacher_chunk
 from helios_jax.training.trainer import initial_state, make_train_step, split_model
+from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parent.parent
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # tools/offload_data/get_ode-pairs.py's hard-coded student timesteps at 384x640 (latent 48x80).
 REFERENCE_TIMESTEPS = {
@@ -215,6 +215,9 @@ def test_distilled_student_is_closer_to_the_teacher(worker_result):
     # The EMA restored from the last checkpoint was updated every step and moved with the student.
     assert result["ema_updates"] == 30
     assert result["ema_after"] < 0.7 * result["before"], result
+    # merge-lora's folder (EMA LoRA fused, the Stage-3 default) is the EMA model, without adapters.
+    assert abs(result["merged_ema_after"] - result["ema_after"]) <= 1e-4 * result["ema_after"], result
+    assert result["pipeline_uses_merged"]  # HeliosPipeline.tiny_random(transformer=...) = generate --transformer
 
 
 def test_ema_in_the_step_equals_the_ema_recomputed_from_the_parameters():

@@ -24,12 +24,11 @@ from helios_jax.training.config import training_config
 from helios_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from helios_jax.training.trainer import initial_state, make_train_step, split_model
 from helios_jax.parallel import make_mesh
+from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/train/stage1.py:tiny"  # the api.md name (= stage_1_init.py:tiny)
 REFERENCE_STEPS = 80
-# Less LLVM optimisation: the tiny step compiles ~3x faster on CPU, and these tests are compile-bound.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def command_env(cache_dir) -> dict:

@@ -2,7 +2,6 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from tests.diffusers_reference import build_reference, convert, relative_error, run_reference
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 import helios_jax
 from checkpoints_convert.safetensors_folder import CheckpointError
 from tests.diffusers_reference import relative_error, rerandomise, run_reference
+from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny Helios shape (transformer_config.TINY) as a Wan model; text_dim 64 matches tiny-random's data.
@@ -81,7 +81,7 @@ def test_history_patchers_are_the_patch_embedding_of_pooled_latents(loaded):
 
 SHARDED_SCRIPT = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
@@ -150,7 +150,7 @@ def test_stage_1_init_trains_from_the_wan_folder(wan, tmp_path):
     """`helios-jax train` of stage_1_init:tiny with --config.model.init and .config set to the Wan folder."""
     _, folder = wan
     env = dict(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PATH="/usr/bin:/bin",
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=FAST_COMPILE)
     result = subprocess.run(
         [sys.executable, "-m", "helios_jax", "train", "--config", "configs/train/stage_1_init.py:tiny",
          "--workdir", str(tmp_path / "run"), f"--config.model.init={folder}", f"--config.model.config={folder}",

@@ -83,6 +83,13 @@ def from_diffusers_json(config_json: dict, **overrides) -> ml_collections.Config
     return transformer_config(**fields, **overrides)
 
 
+def to_diffusers_json(config) -> dict:
+    """The diffusers `transformer/config.json` of `config` (the inverse of `from_diffusers_json`):
+    what a folder written from a trained model carries so diffusers and `helios_jax.load` read it."""
+    fields = {k: list(config[k]) if isinstance(config[k], tuple) else config[k] for k in DIFFUSERS_FIELDS}
+    return {"_class_name": "HeliosTransformer3DModel", **fields}
+
+
 # The training flags a Helios run starts with from a Wan2.1 transformer (training spec §1 item 1);
 # every other Helios field keeps its default.
 HELIOS_TRAINING_FLAGS = dict(has_multi_term_memory_patch=True, zero_history_timestep=True, guidance_cross_attn=True)

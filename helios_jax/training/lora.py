@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert.transformer_keys import diffusers_module_name
 from helios_jax.models.layers import Dense, PatchEmbed
 from helios_jax.parallel import logical_axes_of
 
@@ -154,18 +155,6 @@ def _name(path) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Export in PEFT / diffusers naming (spec §10: `pytorch_lora_weights.safetensors`)
-
-# Our module names that differ from diffusers' (everything else is the same dotted path).
-_DIFFUSERS_MODULE_NAMES = {"to_out": "to_out.0", "linear_in": "net.0.proj", "linear_out": "net.2"}
-
-
-def diffusers_module_name(path: tuple, layer: int | None = None) -> str:
-    """diffusers' module name of our layer at `path` (layer index for the stacked blocks)."""
-    names = [_DIFFUSERS_MODULE_NAMES.get(str(p), str(p)) for p in path]
-    if names[0] == "blocks":
-        names.insert(1, str(layer))
-    return ".".join(names)
-
 
 def peft_lora_state_dict(model: nnx.Module, prefix: str = "transformer.") -> tuple[dict[str, np.ndarray], dict]:
     """Every adapter as `{prefix}<module>.lora_A.weight` / `lora_B.weight` in torch layout (Linear:

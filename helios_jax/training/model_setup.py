@@ -33,6 +33,19 @@ def model_config_of(config) -> ml_collections.ConfigDict:
                      "a config .py file or a folder with config.json")
 
 
+def build_student(config, mesh) -> HeliosTransformer3DModel:
+    """The model a training run trains: `build_model` with the LoRA of `config.lora` attached (its
+    factors drawn from config.seed + 1) and placed on `mesh`. Stage 3b's generator too."""
+    from helios_jax.training.lora import add_lora
+
+    model = build_model(config, mesh)
+    add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+             patch_embedding=config.lora.patch_embedding, history_patches=config.lora.history_patches,
+             rngs=nnx.Rngs(int(config.seed) + 1))
+    parallel.shard_state(model, mesh)  # the new adapters (and fp32 patchers) by their logical axes
+    return model
+
+
 def build_model(config, mesh) -> HeliosTransformer3DModel:
     """The model, every parameter already placed on `mesh` by its logical axes."""
     if config.model.init:
