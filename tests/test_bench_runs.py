@@ -46,3 +46,15 @@ def test_generate_bench_prints_fps_split_and_speed_up():
     assert result.returncode == 0, result.stderr
     for expected in ("frames/s end to end", "text", "transformer", "VAE decode", "TFLOP/s", "speed-up jax over torch"):
         assert expected in result.stdout, result.stdout
+
+
+def test_fusion_report_names_the_passes_and_the_code_in_them():
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "fusions.py"), "--model", "tiny", "--topology", "v5e:1x1", "--top", "60"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "memory-bound passes move" in result.stdout and "q/k RMSNorm + RoPE:" in result.stdout, result.stdout
+    # The HLO's stack frames map passes back to the model's functions.
+    for function in ("apply_rope", "RMSNorm.__call__", "layer_norm"):
+        assert function in result.stdout, result.stdout

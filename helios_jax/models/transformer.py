@@ -57,12 +57,15 @@ class Modulation(NamedTuple):
 TOKEN_AXES = ("batch", "length", "embed")
 
 
-def modulate_segments(x: jax.Array, history: jax.Array | None, current: jax.Array, length: int, fn):
-    """Apply fn(segment, vectors) to the first `length` tokens with `history` [.., D] vectors and to the
-    rest with `current` [B, .., D] vectors, then rejoin them."""
+def modulate_segments(x: jax.Array, history: jax.Array | None, current: jax.Array, length: int, rows, fn):
+    """fn(x, vectors) where vectors[i] (i in `rows`) is row i of the `history` [6, D] table for the
+    first `length` tokens and of the `current` [B, 6, D] table for the rest. A per-token select of
+    each row, not slices of x rejoined: the select fuses into fn's one element-wise pass, where
+    slicing and concatenating cost a pass each (bench/fusions.py)."""
     if history is None or length == 0:
-        return fn(x, current[:, None])
-    return jnp.concatenate([fn(x[:, :length], history[None, None]), fn(x[:, length:], current[:, None])], axis=1)
+        return fn(x, {i: current[:, None, i] for i in rows})
+    is_history = (jnp.arange(x.shape[1]) < length)[None, :, None]
+    return fn(x, {i: jnp.where(is_history, history[None, None, i], current[:, None, i]) for i in rows})
 
 
 def timestep_sinusoid(timestep: jax.Array, dim: int) -> jax.Array:
@@ -169,14 +172,14 @@ class HeliosBlock(nnx.Module):
 
         def modulated_norm(x, i_shift: int, i_scale: int):
             def fn(segment, vectors):
-                normed = layer_norm(segment, self.eps) * (1 + vectors[..., i_scale, :]) + vectors[..., i_shift, :]
+                normed = layer_norm(segment, self.eps) * (1 + vectors[i_scale]) + vectors[i_shift]
                 return normed.astype(x.dtype)
 
-            return modulate_segments(x, history, current, length, fn)
+            return modulate_segments(x, history, current, length, (i_shift, i_scale), fn)
 
         def gated_residual(x, update, i_gate: int):
-            gated = modulate_segments(update.astype(jnp.float32), history, current, length,
-                                      lambda segment, vectors: segment * vectors[..., i_gate, :])
+            gated = modulate_segments(update.astype(jnp.float32), history, current, length, (i_gate,),
+                                      lambda segment, vectors: segment * vectors[i_gate])
             return (x.astype(jnp.float32) + gated).astype(x.dtype)
 
         # 1. Self-attention over every token, gated residual in fp32.
