@@ -9,7 +9,8 @@ against the roofline of the whole block (FLOPs / peak). It then says whether the
 RoPE run as one pass, and whether the modulation and LayerNorm do: the most a hand fusion could
 save is what the element-wise passes cost beyond one read and one write of their tensors.
 
-    python bench/fusions.py                               # 14B block, v5p chip, Pallas attention
+    python bench/fusions.py                               # 14B block, v5p chip, Pallas kernels
+    python bench/fusions.py --norm-rope xla               # q/k norm + RoPE as XLA's passes
     python bench/fusions.py --model tiny --topology v5e:1x1   # a quick run
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default="helios_14b", choices=("helios_14b", "tiny"))
     parser.add_argument("--topology", default="v5p:1x1x1", help="one TPU chip, e.g. v5p:1x1x1, v5e:1x1")
     parser.add_argument("--attention", default="pallas_tpu", choices=("xla", "pallas_tpu"))
+    parser.add_argument("--norm-rope", default="pallas_tpu", choices=("xla", "pallas_tpu"),
+                        help="q/k RMSNorm + RoPE: XLA's passes or the fused Pallas kernel")
     parser.add_argument("--top", type=int, default=25, help="memory-bound passes to list")
     args = parser.parse_args()
 
@@ -47,11 +50,12 @@ def main() -> None:
     aot.quiet_libtpu_environment(args.topology)
     devices = aot.topology_devices(args.topology)
     mesh = aot.build_mesh(devices, {"fsdp": -1})
-    config = transformer_config.preset(args.model, num_layers=1, attention_impl=args.attention)
+    config = transformer_config.preset(args.model, num_layers=1, attention_impl=args.attention,
+                                       norm_rope_impl=args.norm_rope)
     graphdef, state = aot.abstract_state(config, mesh)
     function, call_args, _ = aot.forward_step(graphdef, state, config, mesh, 1)
     print(f"compiling a 1-block {args.model} forward (384x640 chunk + history) for {args.topology} "
-          f"({devices[0].device_kind}), attention {args.attention} ...", flush=True)
+          f"({devices[0].device_kind}), attention {args.attention}, norm + RoPE {args.norm_rope} ...", flush=True)
     with use_mesh(mesh):
         compiled = function.lower(*call_args).compile()
     cost = compiled.cost_analysis()

@@ -158,7 +158,9 @@ def model_config(name: str, task: str, attention: str = "xla"):
     # Training keeps only each block's input across the scan (full remat): memory flat in depth.
     # The host traces on its CPU backend, where "auto" would mean xla: the kernel is named explicitly.
     training = task in TRAINING_TASKS
-    return transformer_config.preset(name, remat_policy="full" if training else "none", attention_impl=attention)
+    # --attention pallas_tpu compiles the Pallas kernels of a TPU run: flash attention and the q/k norm + RoPE.
+    return transformer_config.preset(name, remat_policy="full" if training else "none", attention_impl=attention,
+                                     norm_rope_impl="pallas_tpu" if attention == "pallas_tpu" else "xla")
 
 
 def abstract_state(config, mesh: Mesh):

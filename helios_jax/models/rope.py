@@ -52,6 +52,22 @@ def flatten_tokens(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def lane_tables(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-pair tables [..., head_dim/2] -> per-channel tables [..., head_dim]: cos for both members
+    of a pair, sin signed by the member's term (-sin for the first, +sin for the second), so that
+    out = x * cos + partner(x) * sin (the fused TPU kernel's form of `apply_rope`)."""
+    cos_full = jnp.repeat(cos, 2, axis=-1)
+    sin_signed = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], -1)
+    return cos_full, sin_signed
+
+
+def pair_tables(cos: jax.Array, sin: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """Per-pair tables from either form (the inverse of `lane_tables`)."""
+    if cos.shape[-1] == head_dim:
+        return cos[..., 0::2], sin[..., 1::2]
+    return cos, sin
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate interleaved pairs (2i, 2i+1) of x [B, L, heads, head_dim] by tables [B, L, head_dim/2].
 

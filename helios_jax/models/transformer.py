@@ -116,9 +116,11 @@ class ConditionEmbedder(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with RMSNorm on q and k across all heads (spec §2.6)."""
 
-    def __init__(self, dim: int, heads: int, eps: float, *, dtype, attention_impl: str, rngs):
+    def __init__(self, dim: int, heads: int, eps: float, *, dtype, attention_impl: str, norm_rope_impl: str = "xla",
+                 rngs):
         self.heads = heads
         self.attention_impl = attention_impl
+        self.norm_rope_impl = norm_rope_impl
         self.to_q = Dense(dim, dim, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.to_k = Dense(dim, dim, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.to_v = Dense(dim, dim, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
@@ -128,18 +130,38 @@ class Attention(nnx.Module):
 
     def __call__(self, x, context=None, rotary=None):
         source = x if context is None else context
-        q = self.norm_q(self.to_q(x))
-        k = self.norm_k(self.to_k(source))
-        v = self.to_v(source)
-        q, k, v = (t.reshape(*t.shape[:-1], self.heads, -1) for t in (q, k, v))
-        if rotary is not None:
-            q = rope.apply_rope(q, *rotary)
-            k = rope.apply_rope(k, *rotary)
+        if rotary is not None and self._fused_norm_rope(x):
+            from helios_jax.kernels.norm_rope_tpu import norm_rope
+
+            head_dim = x.shape[-1] // self.heads
+            q, k = (norm_rope(dense(x), norm.scale[...], *rotary, eps=norm.eps, head_dim=head_dim)
+                    for dense, norm in ((self.to_q, self.norm_q), (self.to_k, self.norm_k)))
+            q, k, v = (t.reshape(*t.shape[:-1], self.heads, -1) for t in (q, k, self.to_v(source)))
+        else:
+            q = self.norm_q(self.to_q(x))
+            k = self.norm_k(self.to_k(source))
+            v = self.to_v(source)
+            q, k, v = (t.reshape(*t.shape[:-1], self.heads, -1) for t in (q, k, v))
+            if rotary is not None:
+                cos, sin = rope.pair_tables(*rotary, q.shape[-1])
+                q = rope.apply_rope(q, cos, sin)
+                k = rope.apply_rope(k, cos, sin)
         # Self-attention goes sequence-parallel under a mesh with seq > 1; cross-attention keys
         # (512 text tokens) are short enough to stay replicated.
         attend = self_attention if context is None else dot_product_attention
         out = attend(q, k, v, impl=self.attention_impl)
         return self.to_out(out.reshape(*out.shape[:-2], -1).astype(x.dtype))
+
+    def _fused_norm_rope(self, x) -> bool:
+        return fused_norm_rope(self.norm_rope_impl, x.shape[-1] // self.heads)
+
+
+def fused_norm_rope(impl: str, head_dim: int) -> bool:
+    """Whether q/k RMSNorm + RoPE run as the Pallas TPU kernel (kernels/norm_rope_tpu.py):
+    `pallas_tpu`, or `auto` on a TPU; heads must fill whole 128-lane groups (the released 14B: 128)."""
+    if impl == "auto":
+        impl = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+    return impl == "pallas_tpu" and head_dim % 128 == 0
 
 
 class FeedForward(nnx.Module):
@@ -159,7 +181,8 @@ class HeliosBlock(nnx.Module):
         self.guidance_cross_attn = config.guidance_cross_attn
         self.scale_shift_table = param(rngs, normal(dim**-0.5), (6, dim), jnp.float32, (None, "embed"))
         attention = dict(dtype=dtype, attention_impl=config.attention_impl, rngs=rngs)
-        self.attn1 = Attention(dim, config.num_attention_heads, config.eps, **attention)
+        self.attn1 = Attention(dim, config.num_attention_heads, config.eps, norm_rope_impl=config.norm_rope_impl,
+                               **attention)
         self.attn2 = Attention(dim, config.num_attention_heads, config.eps, **attention)
         self.norm2 = AffineLayerNorm(dim, config.eps, rngs=rngs) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim, dtype=dtype, rngs=rngs)
@@ -270,8 +293,10 @@ class HeliosTransformer3DModel(nnx.Module):
         # Sequence order [long | mid | short | current]: history terms were collected short first.
         terms = terms[::-1]
         x = constrain(jnp.concatenate([t[0] for t in terms], axis=1), TOKEN_AXES)
-        rotary = tuple(constrain(jnp.concatenate([t[i] for t in terms], axis=1), ("batch", "length", None))
-                       for i in (1, 2))
+        rotary = tuple(jnp.concatenate([t[i] for t in terms], axis=1) for i in (1, 2))
+        if fused_norm_rope(config.norm_rope_impl, config.attention_head_dim):
+            rotary = rope.lane_tables(*rotary)  # once per forward, not per attention call
+        rotary = tuple(constrain(table, ("batch", "length", None)) for table in rotary)
         history_length = x.shape[1] - current_length
 
         # Conditioning: temb/projection for t, and for t = 0 for the history segment.

@@ -33,6 +33,7 @@ DIFFUSERS_FIELDS = dict(
 EXECUTION_FIELDS = dict(
     dtype="bfloat16",  # parameter and activation dtype; fp32 islands follow the reference
     attention_impl="auto",  # the fastest measured kernel per backend (xla on CPU): helios_jax.kernels
+    norm_rope_impl="auto",  # q/k RMSNorm + RoPE: xla, or pallas_tpu (one fused kernel; auto: on a TPU)
     remat_policy="none",  # none | full | dots | dots_with_no_batch_dims | offload_dots
 )
 
@@ -130,6 +131,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.added_kv_proj_dim is not None:
         raise ValueError("added_kv_proj_dim (the Wan I2V image path) is not used by Helios and not supported")
+    if config.norm_rope_impl not in ("auto", "xla", "pallas_tpu"):
+        raise ValueError(f"norm_rope_impl must be auto, xla or pallas_tpu, got {config.norm_rope_impl!r}")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}")
 
