@@ -98,7 +98,7 @@ def report(hlo: str, flops: float, peak: float, bandwidth: float, top: int, vers
         print(f"{nbytes / 2**20:8.1f} {nbytes / bandwidth * 1e3:7.3f}  {opcode} {name}  <- "
               f"{', '.join(sorted(functions)) or '(layout change, no Helios code)'}")
     print()
-    for a, b, label in (("RMSNorm.__call__", "apply_rope", "q/k RMSNorm + RoPE"),
+    for a, b, label in (("rms_norm", "apply_rope", "q/k RMSNorm + RoPE"),
                         ("layer_norm", "modulated_norm.fn", "LayerNorm + modulation")):
         touching = [p for p in passes if a in p[3] or b in p[3]]
         both = [p for p in touching if a in p[3] and b in p[3]]

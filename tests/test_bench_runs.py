@@ -56,5 +56,5 @@ def test_fusion_report_names_the_passes_and_the_code_in_them():
     assert result.returncode == 0, result.stderr
     assert "memory-bound passes move" in result.stdout and "q/k RMSNorm + RoPE:" in result.stdout, result.stdout
     # The HLO's stack frames map passes back to the model's functions.
-    for function in ("apply_rope", "RMSNorm.__call__", "layer_norm"):
+    for function in ("apply_rope", "rms_norm", "layer_norm"):
         assert function in result.stdout, result.stdout

@@ -19,8 +19,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, PartitionSpec
 
 from helios_jax.models import rope
+from helios_jax.models.layers import rms_norm
 
-MAX_ROWS = 256  # a [256, 5120] bf16 tile and its fp32 copy: ~8 MiB of VMEM
+MAX_ROWS = 128  # a [128, 5120] tile: double-buffered in and out plus fp32 temporaries fit v4's 16 MiB of VMEM
 ROW_MULTIPLE = 16  # bf16 sublane tiling
 BATCH_AXES = ("data", "fsdp")
 TOKEN_AXIS = "seq"
@@ -30,10 +31,7 @@ def reference_norm_rope(x, weight, cos, sin, *, eps: float, head_dim: int):
     """The model's path: RMSNorm over the last axis of x [B, L, D], then RoPE per head_dim group
     with per-pair tables cos/sin [B, L, head_dim/2] (or `rope.lane_tables` [B, L, head_dim])."""
     cos, sin = rope.pair_tables(cos, sin, head_dim)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    normed = normed.astype(x.dtype) * weight.astype(x.dtype)
-    heads = normed.reshape(*x.shape[:-1], -1, head_dim)
+    heads = rms_norm(x, weight, eps).reshape(*x.shape[:-1], -1, head_dim)
     return rope.apply_rope(heads, cos, sin).reshape(x.shape)
 
 

@@ -152,9 +152,14 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, ones, (dim,), dtype, (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis: fp32 statistics, normalised value rounded to x's dtype, times scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
