@@ -16,6 +16,7 @@ import ml_collections
 from flax import nnx
 
 from helios_jax.kernels import dot_product_attention, self_attention
+from helios_jax.kernels.norm_rope_tpu import norm_rope
 from helios_jax.models import rope
 from helios_jax.parallel import constrain
 from helios_jax.models.layers import (
@@ -131,8 +132,6 @@ class Attention(nnx.Module):
     def __call__(self, x, context=None, rotary=None):
         source = x if context is None else context
         if rotary is not None and self._fused_norm_rope(x):
-            from helios_jax.kernels.norm_rope_tpu import norm_rope
-
             head_dim = x.shape[-1] // self.heads
             q, k = (norm_rope(dense(x), norm.scale[...], *rotary, eps=norm.eps, head_dim=head_dim)
                     for dense, norm in ((self.to_q, self.norm_q), (self.to_k, self.norm_k)))
