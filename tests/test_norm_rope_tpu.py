@@ -77,6 +77,17 @@ def test_transformer_output_is_unchanged_by_the_kernel():
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_is_xla_off_a_tpu_and_the_environment_can_force_xla(monkeypatch):
+    from helios_jax.models.transformer import NORM_ROPE_ENV, fused_norm_rope
+
+    assert not fused_norm_rope("auto", 128)  # the tests run on a CPU
+    assert fused_norm_rope("pallas_tpu", 128) and not fused_norm_rope("pallas_tpu", 12)
+    monkeypatch.setenv(NORM_ROPE_ENV, "pallas_tpu")
+    assert fused_norm_rope("auto", 128)
+    monkeypatch.setenv(NORM_ROPE_ENV, "xla")
+    assert not fused_norm_rope("auto", 128)
+
+
 MESH_SCRIPT = """
 import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -8,6 +8,7 @@ cross-attention; both segments share one self-attention.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -155,11 +156,15 @@ class Attention(nnx.Module):
         return fused_norm_rope(self.norm_rope_impl, x.shape[-1] // self.heads)
 
 
+NORM_ROPE_ENV = "HELIOS_NORM_ROPE_IMPL"
+
+
 def fused_norm_rope(impl: str, head_dim: int) -> bool:
     """Whether q/k RMSNorm + RoPE run as the Pallas TPU kernel (kernels/norm_rope_tpu.py):
-    `pallas_tpu`, or `auto` on a TPU; heads must fill whole 128-lane groups (the released 14B: 128)."""
+    `pallas_tpu`, or `auto` on a TPU (HELIOS_NORM_ROPE_IMPL=xla turns `auto` to XLA without
+    touching a model folder's config); heads must fill whole 128-lane groups (the released 14B: 128)."""
     if impl == "auto":
-        impl = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+        impl = os.environ.get(NORM_ROPE_ENV) or ("pallas_tpu" if jax.default_backend() == "tpu" else "xla")
     return impl == "pallas_tpu" and head_dim % 128 == 0
 
 
