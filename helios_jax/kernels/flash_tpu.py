@@ -20,15 +20,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from helios_jax.kernels.attention_inputs import check_qkv
+from helios_jax.kernels.kernel_mesh import automatic_axes, axis_if_divides, batch_axes
 
 DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
 LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
 # Mesh axes (helios_jax.parallel.AXES) the kernels are split over when called under a mesh.
-BATCH_AXES = ("data", "fsdp")
 HEADS_AXIS = "tensor"
 QUERY_AXIS = "seq"
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
@@ -64,21 +64,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
 
 def _mesh_specs(mesh, q_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
     """q and k/v PartitionSpecs over the mesh's automatic axes; None when there is nothing to split."""
-    if mesh.empty:
-        return None
-    auto = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-            if kind != AxisType.Manual and size > 1}
+    auto = automatic_axes(mesh)
     if not auto:
         return None
     batch, q_len, heads, _ = q_shape
-    batch_axes, product = [], 1
-    for name in BATCH_AXES:
-        if name in auto and batch % (product * auto[name]) == 0:
-            batch_axes.append(name)
-            product *= auto[name]
-    heads_axis = HEADS_AXIS if HEADS_AXIS in auto and heads % auto[HEADS_AXIS] == 0 else None
-    query_axis = QUERY_AXIS if QUERY_AXIS in auto and q_len % auto[QUERY_AXIS] == 0 else None
-    batch_spec = tuple(batch_axes) or None
+    batch_spec = batch_axes(auto, batch)
+    heads_axis = axis_if_divides(auto, HEADS_AXIS, heads)
+    query_axis = axis_if_divides(auto, QUERY_AXIS, q_len)
     return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
             PartitionSpec(batch_spec, None, heads_axis, None))
 

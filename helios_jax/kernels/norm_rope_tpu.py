@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from helios_jax.kernels.kernel_mesh import automatic_axes, axis_if_divides, batch_axes
 from helios_jax.models import rope
 from helios_jax.models.layers import rms_norm
 
 MAX_ROWS = 128  # a [128, 5120] tile: double-buffered in and out plus fp32 temporaries fit v4's 16 MiB of VMEM
 ROW_MULTIPLE = 16  # bf16 sublane tiling
-BATCH_AXES = ("data", "fsdp")
 TOKEN_AXIS = "seq"
 
 
@@ -40,23 +40,14 @@ def norm_rope(x, weight, cos, sin, *, eps: float, head_dim: int, interpret: bool
     save building them per call. Under a mesh the kernel runs per device in a
     shard_map (tokens over data/fsdp/seq); with the channels split (tensor parallel) the norm's
     statistics span devices, so the XLA reference runs instead."""
-    mesh = jax.sharding.get_abstract_mesh()
     local = functools.partial(_norm_rope, eps=eps, head_dim=head_dim, interpret=interpret)
-    if mesh.empty:
-        return local(x, weight, cos, sin)
-    auto = {n: s for n, s, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-            if kind != AxisType.Manual and s > 1}
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = automatic_axes(mesh)
     if not auto:
         return local(x, weight, cos, sin)
     if "tensor" in auto:
         return reference_norm_rope(x, weight, cos, sin, eps=eps, head_dim=head_dim)
-    batch_axes, product = [], 1
-    for name in BATCH_AXES:
-        if name in auto and x.shape[0] % (product * auto[name]) == 0:
-            batch_axes.append(name)
-            product *= auto[name]
-    tokens = TOKEN_AXIS if TOKEN_AXIS in auto and x.shape[1] % auto[TOKEN_AXIS] == 0 else None
-    spec = PartitionSpec(tuple(batch_axes) or None, tokens, None)
+    spec = PartitionSpec(batch_axes(auto, x.shape[0]), axis_if_divides(auto, TOKEN_AXIS, x.shape[1]), None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec(), spec, spec), out_specs=spec,
                          check_vma=False)(x, weight, cos, sin)
 

@@ -1,0 +1,30 @@
+"""Where a Pallas kernel's shard_map splits its operands: the TPU compiler cannot partition a
+Mosaic call, so under a mesh the kernels wrap themselves in a shard_map over the mesh's
+automatic axes (those not already manual, e.g. inside Ulysses)."""
+from __future__ import annotations
+
+from jax.sharding import AxisType
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def automatic_axes(mesh) -> dict[str, int]:
+    """{axis: size} of the mesh's automatic axes of size > 1 (empty without a mesh)."""
+    if mesh.empty:
+        return {}
+    return {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if kind != AxisType.Manual and size > 1}
+
+
+def batch_axes(auto: dict[str, int], batch: int) -> tuple[str, ...] | None:
+    """The batch axes (data, then fsdp) that together divide `batch`; None when none does."""
+    axes, product = [], 1
+    for name in BATCH_AXES:
+        if name in auto and batch % (product * auto[name]) == 0:
+            axes.append(name)
+            product *= auto[name]
+    return tuple(axes) or None
+
+
+def axis_if_divides(auto: dict[str, int], name: str, size: int) -> str | None:
+    return name if name in auto and size % auto[name] == 0 else None
