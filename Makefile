@@ -30,7 +30,10 @@ demo: install
 	$(VENV)/bin/helios-jax generate --model tiny-random --prompt "a red car drives along a coastal road" \
 		--num-frames 66 --out demo.mp4
 
+# The web demo's test needs Debian's chromium: installed here when missing and possible, else the
+# reason is written for that test to skip with.
 test: install-test
+	bash tools/install_browser.sh $(VENV)/.browser-missing
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 bench: install
