@@ -31,6 +31,11 @@ def sharding_of(var, mesh) -> NamedSharding:
     return parallel.parameter_sharding(var, mesh)
 
 
+def stored_dtype(folder) -> str:
+    """The parameter dtype a converted folder was written in."""
+    return json.loads((Path(folder) / CONVERSION_JSON).read_text())["dtype"]
+
+
 def restore(folder, *, dtype: str | None = None, mesh=None) -> nnx.Module:
     folder = Path(folder)
     metadata = json.loads((folder / CONVERSION_JSON).read_text())

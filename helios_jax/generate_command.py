@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -58,7 +59,44 @@ def add_command(commands) -> None:
                          help="Distilled: twice the steps on the first chunk (default on for Distilled)")
     amplify.add_argument("--no-amplify-first-chunk", dest="amplify", action="store_false")
     generate.add_argument("--dtype", choices=("float32", "bfloat16"), help="transformer and text encoder dtype")
+    add_device_arguments(generate)
     generate.set_defaults(run=run_generate)
+
+
+def add_device_arguments(parser) -> None:
+    """--mesh, --quantize, --memory-plan, --attention: how generate and serve use the devices."""
+    from helios_jax.sampling.memory_plan import PLANS
+
+    parser.add_argument("--mesh", default="auto", metavar="auto|AXIS=SIZE,...",
+                        help="devices to run on: auto (default: every device, the layout over data,fsdp,tensor whose "
+                        "compiled chunk program fits and is fastest) or sizes over data,fsdp,tensor,seq, e.g. fsdp=8 "
+                        "or tensor=4,fsdp=2 (one size may be -1)")
+    parser.add_argument("--quantize", choices=("int8",), help="weight-only int8 transformer and text encoder "
+                        "(half the memory of bf16: the 14B on one 16 GiB chip)")
+    parser.add_argument("--memory-plan", default="auto", choices=PLANS,
+                        help="where the text encoder waits between prompts: resident (on the device), "
+                        "offload_text_encoder (host memory), sequential (host; the transformer too while it "
+                        "encodes); auto: the first that fits")
+    parser.add_argument("--attention", help="force one attention implementation (xla, cudnn, pallas_gpu, pallas_tpu, "
+                        "splash_tpu) instead of the measured choice; also HELIOS_ATTENTION_IMPL")
+
+
+def check_device_arguments(args) -> None:
+    """The device flags, checked before any weight is read or program compiled."""
+    import jax
+
+    from helios_jax.kernels.dispatch import IMPLEMENTATIONS
+    from helios_jax.sampling.mesh_choice import check_mesh_flag
+
+    check_mesh_flag(args.mesh, jax.device_count())
+    if args.quantize and args.dtype == "float32":
+        raise ValueError("--quantize int8 stores bf16-scaled int8 weights for bf16 matmuls; it cannot be combined "
+                         "with --dtype float32")
+    if args.attention is not None:
+        if args.attention not in IMPLEMENTATIONS or args.attention == "auto":
+            raise ValueError(f"--attention must be one of {', '.join(i for i in IMPLEMENTATIONS if i != 'auto')}; "
+                             f"got {args.attention!r}")
+        os.environ["HELIOS_ATTENTION_IMPL"] = args.attention  # what impl="auto" resolves to
 
 
 def check_arguments(args) -> None:
@@ -88,6 +126,7 @@ def check_arguments(args) -> None:
         raise ValueError(f"--out {args.out}: the output must be an .mp4 file")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out.parent} does not exist")
+    check_device_arguments(args)
 
 
 def _interactive_prompts(args) -> list[str]:
@@ -112,12 +151,20 @@ def _scheduler_stages(args) -> int:
     return from_folder(str(Path(args.model) / "scheduler")).stages
 
 
-def _load_pipeline(args):
+def device_options(args, height: int, width: int) -> dict:
+    """The pipeline constructors' placement keywords from the device flags."""
+    return dict(mesh=args.mesh, quantize=args.quantize, memory_plan=args.memory_plan, height=height, width=width,
+                progress=log)
+
+
+def _load_pipeline(args, height: int, width: int):
     from helios_jax.pipeline import HeliosPipeline
 
+    placement = device_options(args, height, width)
     if args.model == "tiny-random":
-        return HeliosPipeline.tiny_random(args.variant or "distilled", seed=args.seed, transformer=args.transformer)
-    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype, transformer=args.transformer)
+        return HeliosPipeline.tiny_random(args.variant or "distilled", seed=args.seed, transformer=args.transformer,
+                                          **placement)
+    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype, transformer=args.transformer, **placement)
     if args.variant and args.variant != pipe.variant:
         raise ValueError(f"--variant {args.variant}: the model folder {args.model} holds the {pipe.variant} variant")
     if pipe.text_encoder is None:
@@ -141,7 +188,8 @@ def run_generate(args, overrides=()) -> None:
     from helios_jax.pipeline import check_size
 
     check_size(height, width, _scheduler_stages(args))
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, height, width)
+    log(f"devices: {_describe_placement(pipe)}")
     if args.pyramid_steps and pipe.variant == "base":
         raise ValueError("--pyramid-steps applies to Mid and Distilled; Base takes --steps")
     if args.steps and pipe.variant != "base":
@@ -178,6 +226,15 @@ def run_generate(args, overrides=()) -> None:
                   f"{frames_done / elapsed:.2f} frames/s, ETA {_clock(eta)}")
     total = time.perf_counter() - started
     log(f"wrote {args.out}: {frames_done} frames in {total:.1f} s ({frames_done / total:.2f} frames/s)")
+
+
+def _describe_placement(pipe) -> str:
+    import jax
+
+    from helios_jax.parallel import describe_sizes
+
+    mesh = "one device" if pipe.mesh is None else f"mesh {describe_sizes(dict(pipe.mesh.shape))}"
+    return f"{mesh} of {jax.device_count()} x {jax.devices()[0].device_kind}, memory plan {pipe.memory_plan}"
 
 
 def _clock(seconds: float) -> str:

@@ -40,6 +40,24 @@ def load(path, *, dtype=None, mesh=None):
     return component_from_tensors(component, config, StreamingFolder(folder), mesh=mesh)
 
 
+def module_builder(path, *, dtype=None):
+    """(config, build_fn) of a component folder, reading only its config: `build_fn()` makes the
+    module with random weights, meant for `nnx.eval_shape` (memory plans, ahead-of-time compiles)."""
+    folder = Path(path)
+    from checkpoints_convert import restore
+
+    config_json = components.read_config(folder)
+    component = components.component_of(folder, config_json)
+    if dtype is None and restore.is_converted(folder):
+        dtype = restore.stored_dtype(folder)
+    overrides = {"dtype": dtype_name(dtype)} if dtype is not None else {}
+    try:
+        config = component.config_of(config_json, **overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    return config, lambda: component.module_class(config, rngs=nnx.Rngs(0))
+
+
 def dtype_name(dtype) -> str | None:
     if dtype is None:
         return None

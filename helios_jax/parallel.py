@@ -44,6 +44,44 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, tensor: int = 1, seq: int = 1, de
     return Mesh(grid, AXES)
 
 
+def parse_mesh_sizes(text: str, flag: str = "--mesh") -> dict:
+    """`fsdp=4,tensor=2` -> {"fsdp": 4, "tensor": 2} (one size may be -1); a bad part is a
+    ValueError naming `flag`. Checked before any device is touched."""
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, value = part.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in AXES:
+            raise ValueError(f"{flag} must be auto or AXIS=SIZE,... with AXIS one of {', '.join(AXES)}; got {part!r}")
+        if axis in sizes:
+            raise ValueError(f"{flag} names {axis} twice")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise ValueError(f"{flag} {axis} size must be an integer (or -1); got {value!r}") from None
+        if sizes[axis] == 0 or sizes[axis] < -1:
+            raise ValueError(f"{flag} {axis} size must be positive (or -1); got {sizes[axis]}")
+    return sizes
+
+
+def mesh_over_all(sizes: dict, devices, flag: str = "--mesh") -> Mesh:
+    """`make_mesh(**sizes)` that must use every device: a mesh that leaves some idle or does not
+    divide them is a ValueError naming `flag`."""
+    devices = list(devices)
+    try:
+        mesh = make_mesh(**sizes, devices=devices)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    if mesh.size != len(devices):
+        raise ValueError(f"{flag} uses {mesh.size} of the {len(devices)} devices; use them all (or -1)")
+    return mesh
+
+
+def describe_sizes(sizes: dict) -> str:
+    """{"fsdp": 4, "tensor": 2, "seq": 1} -> "fsdp=4,tensor=2" (axes of size 1 left out)."""
+    return ",".join(f"{axis}={size}" for axis, size in dict(sizes).items() if size > 1) or "single device"
+
+
 def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                    rules=PARAMETER_RULES) -> PartitionSpec:
     """Each dimension gets the first mesh axis of its rule that is unused, larger than 1 and divides it."""
@@ -122,6 +160,17 @@ def shard_state(module: nnx.Module, mesh: Mesh) -> nnx.Module:
     return module
 
 
+def place_state(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """`shard_state(module, mesh)`, or with no mesh every variable on the default device (e.g. a
+    module built or quantized in host memory, moved to the accelerator)."""
+    if mesh is not None:
+        return shard_state(module, mesh)
+    device = jax.devices()[0]
+    for _, variable in nnx.to_flat_state(nnx.state(module)):
+        variable.set_value(jax.device_put(variable.get_value(), device))
+    return module
+
+
 def init_sharded(build_fn, mesh: Mesh) -> nnx.Module:
     """`build_fn()` (a module constructor call) initialised straight into its shardings: shapes come
     from nnx.eval_shape, then one jit with out_shardings, so each device only computes and holds
@@ -141,6 +190,20 @@ def init_sharded(build_fn, mesh: Mesh) -> nnx.Module:
     for variable, value in zip(variables, values):
         variable.set_value(value)
     return nnx.merge(graphdef, state)
+
+
+def abstract_sharded(build_fn, mesh: Mesh):
+    """(graphdef, state) of `build_fn()` with every parameter a ShapeDtypeStruct placed by its
+    logical axes on `mesh` (which may be abstract devices): nothing is allocated. For compiling
+    ahead of time (helios-jax aot, the automatic mesh choice)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build_fn))
+
+    def place(variable):
+        value = variable.get_value()
+        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                     sharding=parameter_sharding(variable, mesh)))
+
+    return graphdef, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def mesh_of(module: nnx.Module) -> Mesh | None:

@@ -22,19 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from helios_jax import parallel
+from helios_jax import offload, parallel
 from helios_jax.media.frames import chunk_count, to_uint8, trim_frame_count
 from helios_jax.sampling import conditioning
+from helios_jax.sampling import memory_plan as memory_plan_lib
 from helios_jax.sampling import variants as variants_lib
-from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
+from helios_jax.sampling.chunk_plan import HISTORY_SIZES, LATENT_FRAMES_PER_CHUNK, SamplingSettings, plan_chunk
 from helios_jax.sampling.guidance import guidance_kind
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise_count
 from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
+from helios_jax.sampling.mesh_choice import memory_limit
 from helios_jax.sampling.schedulers import HeliosScheduler
+from helios_jax.text.prompt_embeddings import TextEncoder
 
-HISTORY_SIZES = (16, 2, 1)
-LATENT_FRAMES_PER_CHUNK = 9
 NOISE_SIGMA_RANGE = (0.111, 0.135)  # image and video latent noise (both pipelines' defaults)
 
 
@@ -61,9 +62,10 @@ class FramePlan:
 
 class HeliosPipeline:
     def __init__(self, transformer, vae, scheduler, text_encoder=None, *, is_cfg_zero_star: bool = False,
-                 is_distilled: bool = False, mesh=None):
+                 is_distilled: bool = False, mesh=None, memory_plan: str = "resident"):
         """`mesh`: where the chunk program runs; by default the mesh the transformer's parameters are
-        sharded on (helios_jax.load(..., mesh=...), parallel.shard_state / init_sharded), else none."""
+        sharded on (helios_jax.load(..., mesh=...), parallel.shard_state / init_sharded), else none.
+        `memory_plan`: where the text encoder waits between prompts (sampling/memory_plan.py)."""
         self.transformer = transformer
         self.mesh = mesh if mesh is not None else parallel.mesh_of(transformer)
         self.vae = vae
@@ -74,18 +76,36 @@ class HeliosPipeline:
         self.variant = variants_lib.variant_of(self.scheduler.config.stages, is_cfg_zero_star, is_distilled)
         graphdef, self._state = nnx.split(transformer)
         self._chunk_program = make_chunk_program(graphdef)
+        self.memory_plan = self._resolve_memory_plan(memory_plan)
+        if self.memory_plan != "resident" and text_encoder is not None:
+            offload.to_host(text_encoder.encoder)
+
+    def _resolve_memory_plan(self, plan: str) -> str:
+        if memory_plan_lib.check_plan(plan, "memory_plan") != "auto":
+            return plan
+        device = next(iter(self.mesh.devices.flat)) if self.mesh is not None else jax.devices()[0]
+        text = offload.device_bytes(self.text_encoder.encoder) if self.text_encoder is not None else 0
+        return memory_plan_lib.choose_plan(memory_limit(device), transformer_bytes=offload.device_bytes(self.transformer),
+                                           vae_bytes=offload.device_bytes(self.vae), text_bytes=text)
 
     # ------------------------------------------------------------------------------------------
     # Construction
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, mesh=None, transformer=None) -> "HeliosPipeline":
+    def from_pretrained(cls, path, *, dtype=None, mesh="auto", transformer=None, quantize=None,
+                        memory_plan: str = "auto", height: int = 384, width: int = 640,
+                        progress=lambda message: None) -> "HeliosPipeline":
         """A model folder (diffusers format or converted by `helios-jax convert`) with transformer/,
         vae/, scheduler/ and optionally text_encoder/ + tokenizer/ (without them, pass embeddings).
+
         `transformer`: a transformer folder used instead of the model folder's (e.g. written by
-        `helios-jax merge-lora` from a training run)."""
-        from helios_jax.loading import load
-        from helios_jax.text.prompt_embeddings import TextEncoder
+        `helios-jax merge-lora` from a training run). `mesh`: "auto" (every device, the layout whose
+        compiled chunk program at height x width fits and is fastest; one device: none), None (one
+        device), "AXIS=SIZE,..." or a Mesh. `quantize`: None or "int8" (weight-only, transformer and
+        text encoder). `memory_plan`: see sampling/memory_plan.py. Everything is checked, and the
+        mesh and plan are chosen, before any weight is read."""
+        from helios_jax.loading import module_builder
+        from helios_jax.text.tokenizer import PromptTokenizer
 
         folder = Path(path)
         if not folder.is_dir():
@@ -94,28 +114,53 @@ class HeliosPipeline:
         for part in ("vae", "scheduler") if transformer is not None else ("transformer", "vae", "scheduler"):
             if not (folder / part).is_dir():
                 raise FileNotFoundError(f"{folder}: no {part}/ folder (a Helios model folder needs transformer/, vae/, scheduler/)")
+        check_quantize(quantize)
+        memory_plan_lib.check_plan(memory_plan, "memory_plan")
         flags = _pipeline_flags(folder / "model_index.json")
+        scheduler = HeliosScheduler.from_folder(str(folder / "scheduler"))
+        check_size(height, width, scheduler.config.stages)
+        has_text = (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()
+        tokenizer = PromptTokenizer.from_folder(folder / "tokenizer") if has_text else None  # a bad one fails here
+        builds = dict(build_transformer=module_builder(transformer_folder, dtype=dtype)[1],
+                      build_vae=module_builder(folder / "vae")[1],
+                      build_text_encoder=module_builder(folder / "text_encoder", dtype=dtype)[1] if has_text else None)
+        placement = _plan(builds, scheduler, flags, mesh, memory_plan, quantize, height, width, progress)
         text_encoder = None
-        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            text_encoder = TextEncoder.from_pretrained(folder, dtype=dtype, mesh=mesh)
+        if has_text:  # first, so that a plan that keeps it on the host never holds it beside the transformer
+            encoder = _load_component(folder / "text_encoder", dtype, placement.mesh, quantize)
+            if placement.memory_plan != "resident":
+                offload.to_host(encoder)
+            text_encoder = TextEncoder(encoder, tokenizer)
         return cls(
-            load(transformer_folder, dtype=dtype, mesh=mesh),
-            load(folder / "vae", mesh=mesh),
-            HeliosScheduler.from_folder(str(folder / "scheduler")),
+            _load_component(transformer_folder, dtype, placement.mesh, quantize),
+            _load_component(folder / "vae", None, placement.mesh, None),
+            scheduler,
             text_encoder,
             **flags,
-            mesh=mesh,
+            mesh=placement.mesh,
+            memory_plan=placement.memory_plan,
         )
 
     @classmethod
-    def tiny_random(cls, variant: str = "distilled", *, seed: int = 0, transformer=None) -> "HeliosPipeline":
+    def tiny_random(cls, variant: str = "distilled", *, seed: int = 0, transformer=None, mesh=None, quantize=None,
+                    memory_plan: str = "resident", height: int = 64, width: int = 64,
+                    progress=lambda message: None) -> "HeliosPipeline":
         """Small random components built in memory: the whole path runs without weights.
         `transformer`: a transformer folder of the tiny-random shape (e.g. `helios-jax merge-lora`
-        of a `:tiny` training run) used instead of the random one."""
-        from helios_jax.loading import load
-        from helios_jax.tiny_random import tiny_random_components
+        of a `:tiny` training run) used instead of the random one. `mesh`, `quantize`,
+        `memory_plan`: as for `from_pretrained` (the mesh is chosen for height x width)."""
+        from helios_jax.loading import load, module_builder
+        from helios_jax.tiny_random import tiny_random_builders, tiny_random_components
 
         variants_lib.check_variant(variant)
+        check_quantize(quantize)
+        flags = variants_lib.PIPELINE_FLAGS[variant]
+        builds = tiny_random_builders()
+        if transformer is not None:
+            builds["build_transformer"] = module_builder(_transformer_folder(transformer))[1]
+        scheduler = HeliosScheduler.from_config_json(variants_lib.SCHEDULER_CONFIGS[variant])
+        check_size(height, width, scheduler.config.stages)
+        placement = _plan(builds, scheduler, flags, mesh, memory_plan, quantize, height, width, progress)
         components = tiny_random_components(variant, seed=seed)
         if transformer is not None:
             components["transformer"] = load(_transformer_folder(transformer))
@@ -123,7 +168,15 @@ class HeliosPipeline:
             if components["transformer"].config.text_dim != expected:
                 raise ValueError(f"{transformer}: its text_dim {components['transformer'].config.text_dim} is not the "
                                  f"tiny-random text encoder's {expected} (train with the tiny-random model config)")
-        return cls(**components, **variants_lib.PIPELINE_FLAGS[variant])
+        encoder, tokenizer = components["text_encoder"].encoder, components["text_encoder"].tokenizer
+        if quantize is not None:
+            components["transformer"] = _quantized(components["transformer"], quantize)
+            encoder = _quantized(encoder, quantize)
+        if placement.mesh is not None:
+            for module in (components["transformer"], components["vae"], encoder):
+                parallel.shard_state(module, placement.mesh)
+        components["text_encoder"] = TextEncoder(encoder, tokenizer)  # it runs where its parameters now are
+        return cls(**components, **flags, mesh=placement.mesh, memory_plan=placement.memory_plan)
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -278,32 +331,9 @@ class HeliosPipeline:
 
     def _settings(self, num_frames, num_inference_steps, guidance_scale, pyramid_steps, amplify, use_zero_init,
                   zero_steps):
-        defaults = self.defaults()
-        pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-        num_frames = int(pick(num_frames, "num_frames"))
-        guidance_scale = float(pick(guidance_scale, "guidance_scale"))
-        if guidance_scale > 1.0 and self.is_distilled:
-            warnings.warn(f"guidance_scale {guidance_scale} on a step-distilled model: it runs CFG anyway", stacklevel=3)
-        stages = self.scheduler.config.stages
-        if stages == 1:
-            steps = int(pick(num_inference_steps, "num_inference_steps") or 50)
-            pyramid = ()
-        else:
-            pyramid = tuple(int(s) for s in (pick(pyramid_steps, "pyramid_num_inference_steps_list") or (10,) * stages))
-            steps = sum(pyramid)
-        if steps < 1 or any(s < 1 for s in pyramid):
-            raise ValueError("the number of inference steps must be positive")
-        settings = SamplingSettings(
-            num_inference_steps=steps,
-            pyramid_steps=pyramid,
-            guidance=guidance_kind(guidance_scale, self.is_cfg_zero_star),
-            is_amplify_first_chunk=bool(pick(amplify, "is_amplify_first_chunk")) and self.is_distilled,
-            use_zero_init=bool(pick(use_zero_init, "use_zero_init")),
-            zero_steps=int(pick(zero_steps, "zero_steps")),
-            history_sizes=HISTORY_SIZES,
-            frames=LATENT_FRAMES_PER_CHUNK,
-        )
-        return settings, guidance_scale, num_frames
+        return resolve_settings(self.variant, self.scheduler.config.stages, self.is_cfg_zero_star, self.is_distilled,
+                                num_frames, num_inference_steps, guidance_scale, pyramid_steps, amplify,
+                                use_zero_init, zero_steps)
 
     def _check_inputs(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, height, width, image,
                       video):
@@ -325,7 +355,8 @@ class HeliosPipeline:
                 raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
             if interpolate and isinstance(prompt, str):
                 raise ValueError("use_interpolate_prompt needs prompt to be a list of prompts")
-            prompt_embeds = self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
+            with self._text_encoder_on_device():
+                prompt_embeds = self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
         prompt_embeds = jnp.asarray(prompt_embeds).astype(self.transformer.dtype)
         if not guided:
             return prompt_embeds, None
@@ -333,15 +364,20 @@ class HeliosPipeline:
         if negative_prompt_embeds is None:
             if self.text_encoder is None:
                 raise ValueError("guidance_scale > 1 needs negative_prompt_embeds when the pipeline has no text encoder")
-            if negative_prompt is None or isinstance(negative_prompt, str):
-                negative_prompt_embeds = self.text_encoder.encode_negative(negative_prompt, batch)
-            else:
-                negative_prompt_embeds = self.text_encoder.encode(list(negative_prompt))
+            with self._text_encoder_on_device():
+                if negative_prompt is None or isinstance(negative_prompt, str):
+                    negative_prompt_embeds = self.text_encoder.encode_negative(negative_prompt, batch)
+                else:
+                    negative_prompt_embeds = self.text_encoder.encode(list(negative_prompt))
         negative_prompt_embeds = jnp.asarray(negative_prompt_embeds).astype(self.transformer.dtype)[:batch]
         if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:] or negative_prompt_embeds.shape[0] != batch:
             raise ValueError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}; "
                              f"expected ({batch}, {', '.join(map(str, prompt_embeds.shape[1:]))})")
         return prompt_embeds, negative_prompt_embeds
+
+    def _text_encoder_on_device(self):
+        """The memory plan around one use of the text encoder (a no-op when everything is resident)."""
+        return memory_plan_lib.encoding(self.memory_plan, self.text_encoder.encoder, (self.transformer, self.vae))
 
     def _condition(self, image, video, height, width, batch, channels, h, w, source: NoiseSource):
         """(anchor or None, history window [B, C, 19, h, w], conditioning latents) for T2V, I2V or
@@ -368,6 +404,81 @@ class HeliosPipeline:
             history = jnp.concatenate([history, video_latents], axis=2)[:, :, -window:]
             return first, history, [video_latents]
         return None, history, []
+
+
+def resolve_settings(variant: str, stages: int, is_cfg_zero_star: bool, is_distilled: bool, num_frames=None, num_inference_steps=None, guidance_scale=None,
+                     pyramid_steps=None, amplify=None, use_zero_init=None, zero_steps=None):
+    """(SamplingSettings, guidance scale, num_frames): the caller's values, the variant's script
+    defaults for those left None."""
+    defaults = variants_lib.DEFAULTS[variant]
+    pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
+    num_frames = int(pick(num_frames, "num_frames"))
+    guidance_scale = float(pick(guidance_scale, "guidance_scale"))
+    if guidance_scale > 1.0 and is_distilled:
+        warnings.warn(f"guidance_scale {guidance_scale} on a step-distilled model: it runs CFG anyway", stacklevel=4)
+    if stages == 1:
+        steps = int(pick(num_inference_steps, "num_inference_steps") or 50)
+        pyramid = ()
+    else:
+        pyramid = tuple(int(s) for s in (pick(pyramid_steps, "pyramid_num_inference_steps_list") or (10,) * stages))
+        steps = sum(pyramid)
+    if steps < 1 or any(s < 1 for s in pyramid):
+        raise ValueError("the number of inference steps must be positive")
+    settings = SamplingSettings(
+        num_inference_steps=steps,
+        pyramid_steps=pyramid,
+        guidance=guidance_kind(guidance_scale, is_cfg_zero_star),
+        is_amplify_first_chunk=bool(pick(amplify, "is_amplify_first_chunk")) and is_distilled,
+        use_zero_init=bool(pick(use_zero_init, "use_zero_init")),
+        zero_steps=int(pick(zero_steps, "zero_steps")),
+        history_sizes=HISTORY_SIZES,
+        frames=LATENT_FRAMES_PER_CHUNK,
+    )
+    return settings, guidance_scale, num_frames
+
+
+QUANTIZE_MODES = ("int8",)
+
+
+def check_quantize(mode, flag: str = "quantize") -> None:
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise ValueError(f"{flag} must be one of {', '.join(QUANTIZE_MODES)} (or none); got {mode!r}")
+
+
+def _quantized(module, mode: str):
+    from helios_jax import quantization
+
+    return quantization.quantize(module, mode)
+
+
+def _quantized_builder(build, mode: str | None):
+    return build if build is None or mode is None else (lambda: _quantized(build(), mode))
+
+
+def _plan(builds: dict, scheduler, flags: dict, mesh, memory_plan: str, quantize, height: int, width: int, progress):
+    """The mesh and memory plan for these (abstract) components, before any weight is read."""
+    from helios_jax.sampling.placement import plan_placement
+
+    builds = dict(builds)
+    builds["build_transformer"] = _quantized_builder(builds["build_transformer"], quantize)
+    builds["build_text_encoder"] = _quantized_builder(builds["build_text_encoder"], quantize)
+    variant = variants_lib.variant_of(scheduler.config.stages, **flags)
+    settings = resolve_settings(variant, scheduler.config.stages, flags["is_cfg_zero_star"], flags["is_distilled"])[0]
+    stride = 8  # the Wan VAE's spatial factor
+    return plan_placement(mesh=mesh, memory_plan=memory_plan, scheduler=scheduler, settings=settings,
+                          latent_height=height // stride, latent_width=width // stride, progress=progress, **builds)
+
+
+def _load_component(folder: Path, dtype, mesh, quantize):
+    """One component onto the mesh (or the default device). Quantized ones are read and quantized
+    in host memory first, so the full-precision weights never need room on the device."""
+    from helios_jax.loading import load
+
+    if quantize is None:
+        return load(folder, dtype=dtype, mesh=mesh)
+    with jax.default_device(jax.devices("cpu")[0]):
+        module = _quantized(load(folder, dtype=dtype), quantize)
+    return parallel.place_state(module, mesh)
 
 
 def check_size(height: int, width: int, stages: int, spatial_stride: int = 8) -> None:

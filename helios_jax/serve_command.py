@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helios_jax.distributed import log
-from helios_jax.generate_command import _steps_list
+from helios_jax.generate_command import _steps_list, add_device_arguments, check_device_arguments, device_options
 from helios_jax.sampling.variants import VARIANTS
 
 
@@ -47,6 +47,7 @@ def add_command(commands) -> None:
                        "prompt blends in (1: the next chunk follows it fully)")
     serve.add_argument("--fps", type=int, default=24)
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), help="transformer and text encoder dtype")
+    add_device_arguments(serve)
     serve.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                        help="skip compiling at start-up (the first request compiles instead)")
     serve.set_defaults(run=run_serve)
@@ -68,6 +69,7 @@ def check_arguments(args) -> None:
             raise ValueError(f"{flag} must be positive; got {value}")
     if args.default_frames and args.default_frames > args.max_frames:
         raise ValueError(f"--default-frames {args.default_frames} exceeds --max-frames {args.max_frames}")
+    check_device_arguments(args)
 
 
 @dataclass
@@ -80,12 +82,13 @@ class Server:
         self.app.close()
 
 
-def _load_pipelines(args) -> dict:
+def _load_pipelines(args, height: int, width: int) -> dict:
     from helios_jax.pipeline import HeliosPipeline
 
+    placement = device_options(args, height, width)
     if args.model == "tiny-random":
-        return {v: HeliosPipeline.tiny_random(v) for v in (args.variant or ("distilled",))}
-    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype)
+        return {v: HeliosPipeline.tiny_random(v, **placement) for v in (args.variant or ("distilled",))}
+    pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype, **placement)
     if args.variant and args.variant[0] != pipe.variant:
         raise ValueError(f"--variant {args.variant[0]}: the model folder {args.model} holds the {pipe.variant} variant")
     if pipe.text_encoder is None:
@@ -111,7 +114,7 @@ def start_server(args) -> Server:
     tiny = args.model == "tiny-random"
     height, width = args.height or (64 if tiny else 384), args.width or (64 if tiny else 640)
     started = time.perf_counter()
-    pipelines = _load_pipelines(args)
+    pipelines = _load_pipelines(args, height, width)
     stages = {v: p.scheduler.config.stages for v, p in pipelines.items()}
     for variant, count in stages.items():
         check_size(height, width, count)

@@ -12,6 +12,15 @@ from helios_jax.sampling.schedulers import HeliosScheduler
 from helios_jax.sampling.variants import SCHEDULER_CONFIGS
 
 
+def tiny_random_builders() -> dict:
+    """The tiny components' constructors, for abstract planning (sampling/placement.py)."""
+    return dict(
+        build_transformer=lambda: HeliosTransformer3DModel(transformer_config.preset("tiny-random"), rngs=nnx.Rngs(0)),
+        build_vae=lambda: AutoencoderKLWan(vae_config.preset("tiny"), rngs=nnx.Rngs(0)),
+        build_text_encoder=lambda: UMT5EncoderModel(text_encoder_config.preset("tiny"), rngs=nnx.Rngs(0)),
+    )
+
+
 def tiny_random_components(variant: str, *, seed: int = 0) -> dict:
     """transformer, vae, scheduler and text_encoder for HeliosPipeline(**components, **flags)."""
     from helios_jax.text.prompt_embeddings import TextEncoder

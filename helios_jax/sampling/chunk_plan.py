@@ -18,6 +18,9 @@ from helios_jax.sampling.pyramid import block_noise_factor, renoise_coefficients
 from helios_jax.sampling.schedule_tables import SchedulerConfig, StageConstants
 from helios_jax.sampling.unipc_step import UniPCTables, unipc_tables
 
+HISTORY_SIZES = (16, 2, 1)  # long, mid, short history latent frames (the pipelines' defaults)
+LATENT_FRAMES_PER_CHUNK = 9  # 33 frames per chunk through the 4x temporal VAE
+
 
 @dataclass(frozen=True)
 class StageSpec:
