@@ -35,6 +35,7 @@ from checkpoints_convert.safetensors_stream import StreamingFolder
 CONVERTER_VERSION = "1.0"
 DTYPE_CHOICES = ("bfloat16", "float32", "keep")
 CONVERSION_JSON = "conversion.json"
+TOKENIZER = "tokenizer"  # copied as is, once check_tokenizer_folder has loaded it
 # Keys only the official training module has (spec transformer.md §3.1): skipped, not refused.
 OFFICIAL_ONLY = (r"^blocks\.\d+\.attn1\.history_key_scale$", r"^blocks\.\d+\.attn1\.[qkv]_loras\.",
                  r"^gan_heads\.", r"^gan_final_head\.")
@@ -256,8 +257,12 @@ def plan_source(src: Path, dtype: str | None, selected=None):
         if name not in listed:
             raise CheckpointError(f"{src}: no component {name!r} (has {', '.join(listed)})")
     chosen = [name for name in listed if not selected or name in selected]
-    plans = {name: ComponentPlan(src / name, dtype, expected_kind=name) for name in chosen if name in comp.KINDS}
     copies = [name for name in chosen if name not in comp.KINDS]
+    if TOKENIZER in copies:  # checked before the weights' headers: a bad tokenizer fails at once
+        from helios_jax.text.tokenizer import check_tokenizer_folder
+
+        check_tokenizer_folder(src / TOKENIZER)
+    plans = {name: ComponentPlan(src / name, dtype, expected_kind=name) for name in chosen if name in comp.KINDS}
     return plans, copies, True
 
 

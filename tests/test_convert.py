@@ -55,6 +55,17 @@ def _bit_identical(torch_a, torch_b):
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
+def write_tiny_tokenizer(folder):
+    """A valid tokenizer/ folder: a character-level Unigram tokenizer.json (convert loads it first)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0], ["▁", -2.0]] + [[c, -3.0] for c in letters]
+    added = [{"id": i, "content": t, "special": True} for i, t in enumerate(["<pad>", "</s>", "<unk>"])]
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": vocab},
+                                                       "added_tokens": added}))
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A diffusers model folder with tiny random components; the transformer sharded."""
@@ -65,8 +76,7 @@ def model_folder(tmp_path_factory):
     transformer.save_pretrained(root / "transformer", max_shard_size="40KB")
     vae.save_pretrained(root / "vae")
     text_encoder.save_pretrained(root / "text_encoder")
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    write_tiny_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "HeliosScheduler"}')
     index = {"_class_name": "HeliosPipeline", "_diffusers_version": "0.42.1",
@@ -286,6 +296,46 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(model_folder, tmp_path
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and culprit in lines[0], (case, lines)
         assert not dst.exists() and not list(work.glob(".dst.*")), case
+
+
+def _model_with_tokenizer(src, dst, damage):
+    """A copy of the model folder (weights linked, not copied) whose tokenizer/ is damaged."""
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.name != "tokenizer":
+            (dst / item.name).symlink_to(item)
+    (dst / "tokenizer").mkdir()
+    damage(dst / "tokenizer")
+    return dst
+
+
+BAD_TOKENIZERS = {
+    "config only": (lambda d: (d / "tokenizer_config.json").write_text("{}"),
+                    "neither tokenizer.json nor spiece.model"),
+    "corrupt spiece.model": (lambda d: (d / "spiece.model").write_bytes(b"\x00garbage" * 100), "spiece.model"),
+    "invalid tokenizer.json": (lambda d: (d / "tokenizer.json").write_text("{not json"), "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZERS))
+def test_a_bad_tokenizer_is_refused_before_any_weight(model_folder, tmp_path, capsys, monkeypatch, case):
+    src, _ = model_folder
+    damage, culprit = BAD_TOKENIZERS[case]
+    source, dst = _model_with_tokenizer(src, tmp_path / "m", damage), tmp_path / "dst"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were planned before the tokenizer was checked")
+
+    monkeypatch.setattr(convert_module, "ComponentPlan", no_weights)
+    capsys.readouterr()
+    assert main(["convert", str(source), str(dst), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0] and str(source / "tokenizer") in lines[0], lines
+    assert not dst.exists() and not list(tmp_path.glob(".dst.*"))
+    # Converting the other components alone does not look at the tokenizer.
+    monkeypatch.undo()
+    assert main(["convert", str(source), str(dst), "--quiet", "--component", "scheduler"]) == 0
+    assert (dst / "scheduler").is_dir() and not (dst / "tokenizer").exists()
 
 
 def test_official_only_extras_and_aliases_are_accepted(model_folder, tmp_path):

@@ -205,3 +205,29 @@ def test_check_tokenizer_folder_refuses_missing_files_and_bad_json(spiece_models
     (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": "many"}))
     with pytest.raises(CheckpointError, match=r"tokenizer_config.json: extra_ids must be a whole number >= 0"):
         check_tokenizer_folder(folder)
+
+
+class WeightsRead(Exception):
+    pass
+
+
+def test_text_encoder_from_pretrained_checks_the_tokenizer_before_the_weights(spiece_models, tmp_path, monkeypatch):
+    from helios_jax.text import prompt_embeddings
+
+    def load_weights(folder, **kwargs):
+        raise WeightsRead(str(folder))
+
+    monkeypatch.setattr(prompt_embeddings, "load", load_weights)
+    model = tmp_path / "model"
+    (model / "text_encoder").mkdir(parents=True)
+    (model / "tokenizer").mkdir()
+    (model / "tokenizer" / "spiece.model").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"tokenizer/spiece.model: not a SentencePiece model"):
+        prompt_embeddings.TextEncoder.from_pretrained(model)
+    (model / "tokenizer" / "spiece.model").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer: neither tokenizer.json nor spiece.model"):
+        prompt_embeddings.TextEncoder.from_pretrained(model)
+    shutil.rmtree(model / "tokenizer")
+    spiece_folder(model, "spiece_only", spiece_models).rename(model / "tokenizer")
+    with pytest.raises(WeightsRead, match="text_encoder"):  # a good tokenizer: on to the weights
+        prompt_embeddings.TextEncoder.from_pretrained(model)

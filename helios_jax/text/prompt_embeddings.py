@@ -51,9 +51,11 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype=None, mesh=None) -> "TextEncoder":
-        """A model folder holding `text_encoder/` (transformers UMT5EncoderModel) and `tokenizer/`."""
+        """A model folder holding `text_encoder/` (transformers UMT5EncoderModel) and `tokenizer/`.
+        The tokenizer is loaded first: a bad one fails in a second, not after the encoder's 11 GiB."""
         path = Path(path)
-        return cls(load(path / "text_encoder", dtype=dtype, mesh=mesh), PromptTokenizer.from_folder(path / "tokenizer"))
+        tokenizer = PromptTokenizer.from_folder(path / "tokenizer")  # raises CheckpointError naming the file
+        return cls(load(path / "text_encoder", dtype=dtype, mesh=mesh), tokenizer)
 
     def tokenize(self, prompts: str | Sequence[str]):
         """Cleaned and tokenised prompts: (input_ids, attention_mask), int32 [B, 512]."""
