@@ -72,22 +72,21 @@ class Report:
 
 def quiet_libtpu_environment(topology: str) -> None:
     """libtpu looks for TPU VM metadata when it loads and prints warnings when there is none;
-    a compile-only run has none to find, so say what it would have found. Must run before libtpu
-    is loaded; the compiled target is the --topology given, whatever these say."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for real chips; compiling
-    # touches none, so several compiles (tests, a sweep) may run side by side.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    a compile-only run has none to find, so say what it would have found (one local worker, the
+    topology's accelerator type; see helios_jax.backend_env). Must run before libtpu is loaded;
+    the compiled target is the --topology given, whatever these say. Values the user set are kept;
+    the CPU-host defaults `helios-jax` sets at start-up give way to the topology's type."""
+    from helios_jax.backend_env import quiet_libtpu
+
     generation, _, shape = topology.partition(":")
     try:
         chips = math.prod(int(n) for n in shape.split("x"))
     except ValueError:
-        return  # topology_devices reports the bad name
+        chips = None  # topology_devices reports the bad name
     # Accelerator type names count TensorCores: two per chip on v4/v5p, one on v5e/v6e.
-    names = {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}", "v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}
-    if generation.lower() in names:
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", names[generation.lower()])
+    names = {} if chips is None else {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}",
+                                      "v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}
+    quiet_libtpu(names.get(generation.lower()))
 
 
 def topology_devices(name: str) -> list:

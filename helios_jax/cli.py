@@ -107,6 +107,11 @@ def run_forward(args, overrides) -> None:
 
 
 def main(argv=None) -> int:
+    from helios_jax.backend_env import quiet_libtpu_without_tpu
+
+    # Before any jax backend starts (the imports above load jax, not libtpu): on a host without TPU
+    # chips, libtpu's warnings about a missing TPU VM would open every command's output.
+    quiet_libtpu_without_tpu()
     from helios_jax.config_flags import split_overrides
 
     argv = list(sys.argv[1:] if argv is None else argv)
