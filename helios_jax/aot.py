@@ -24,7 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from helios_jax.aot_command import MODELS, TASKS
-from helios_jax.parallel import AXES, activation_sharding, make_mesh, sharding_for, use_mesh
+from helios_jax.parallel import (abstract_sharded, describe_sizes, mesh_over_all, parse_mesh_sizes, sharding_for,
+                                 use_mesh)
+from helios_jax.sampling.abstract_chunk import batch_sharded as _batch_sharded
+from helios_jax.sampling.abstract_chunk import replicated as _replicated
 
 LATENT_SIZE = (9, 48, 80)  # one chunk at 384x640: 33 frames -> 9 latent frames, 8x spatial VAE
 TEXT_TOKENS = 512
@@ -115,36 +118,24 @@ def parse_mesh(text: str | None) -> dict:
     """`fsdp=4,tensor=2` -> {"fsdp": 4, "tensor": 2}; None or "" -> fsdp over every device."""
     if not text:
         return {"fsdp": -1}
-    sizes = {}
-    for part in text.split(","):
-        axis, sep, value = part.partition("=")
-        axis = axis.strip()
-        if not sep or axis not in AXES:
-            raise AotError(f"--mesh must be AXIS=SIZE,... with AXIS one of {', '.join(AXES)}; got {part!r}")
-        if axis in sizes:
-            raise AotError(f"--mesh names {axis} twice")
-        try:
-            sizes[axis] = int(value)
-        except ValueError:
-            raise AotError(f"--mesh {axis} size must be an integer (or -1); got {value!r}") from None
-    return sizes
+    try:
+        return parse_mesh_sizes(text)
+    except ValueError as error:
+        raise AotError(str(error)) from None
 
 
 def build_mesh(devices: list, sizes: dict) -> Mesh:
     try:
-        mesh = make_mesh(**sizes, devices=devices)
+        return mesh_over_all(sizes, devices)
     except ValueError as error:
-        raise AotError(f"--mesh: {error}") from None
-    if mesh.size != len(devices):
-        raise AotError(f"--mesh uses {mesh.size} of the topology's {len(devices)} devices; use them all (or -1)")
-    return mesh
+        raise AotError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Abstract parameters and inputs
 
 
-ATTENTION = ("xla", "pallas_tpu")
+ATTENTION = ("xla", "pallas_tpu", "splash_tpu")
 
 
 def model_config(name: str, task: str, attention: str = "xla"):
@@ -157,36 +148,17 @@ def model_config(name: str, task: str, attention: str = "xla"):
     # Training keeps only each block's input across the scan (full remat): memory flat in depth.
     # The host traces on its CPU backend, where "auto" would mean xla: the kernel is named explicitly.
     training = task in TRAINING_TASKS
-    # --attention pallas_tpu compiles the Pallas kernels of a TPU run: flash attention and the q/k norm + RoPE.
+    # A TPU kernel attention (pallas_tpu, splash_tpu) compiles the Pallas kernels of a TPU run: that
+    # attention and the q/k norm + RoPE.
     return transformer_config.preset(name, remat_policy="full" if training else "none", attention_impl=attention,
-                                     norm_rope_impl="pallas_tpu" if attention == "pallas_tpu" else "xla")
+                                     norm_rope_impl="pallas_tpu" if attention.endswith("_tpu") else "xla")
 
 
 def abstract_state(config, mesh: Mesh):
     """(graphdef, parameters as ShapeDtypeStructs sharded by their logical axes). Nothing is allocated."""
     from helios_jax.models.transformer import HeliosTransformer3DModel
 
-    model = nnx.eval_shape(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-
-    def place(var):
-        value = var.get_value()
-        axes = tuple(var.get_metadata().get("out_sharding") or ())
-        sharding = sharding_for(value.shape, axes or (None,) * len(value.shape), mesh)
-        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-
-    return graphdef, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _batch_sharded(shape, dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
-    """The leading dimension is the batch (data parallel), the rest replicated."""
-    axes = ("batch",) + (None,) * (len(shape) - 1) if shape else ()
-    sharding = activation_sharding(shape, axes, mesh) if shape else NamedSharding(mesh, PartitionSpec())
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
-def _replicated(shape, dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    return abstract_sharded(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)), mesh)
 
 
 def abstract_forward_inputs(config, mesh: Mesh, batch: int) -> dict:
@@ -237,34 +209,31 @@ def train_step(graphdef, state, config, mesh: Mesh, batch: int):
 
 def rollout_step(graphdef, state, config, mesh: Mesh, batch: int):
     """The Distilled chunk program (steady-state chunk: 3 stages x 2 DMD steps, no CFG)."""
-    from helios_jax.pipeline import HISTORY_SIZES, LATENT_FRAMES_PER_CHUNK
-    from helios_jax.sampling.chunk_plan import SamplingSettings, plan_chunk
-    from helios_jax.sampling.pyramid import block_noise_count
-    from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
+    from helios_jax.sampling.abstract_chunk import chunk_arguments
+    from helios_jax.sampling.rollout import make_chunk_program
+
+    scheduler, settings = distilled_sampling()
+    _, h, w = LATENT_SIZE
+    spec, inputs, tables = chunk_arguments(config, scheduler, settings, mesh, latent_height=h, latent_width=w,
+                                           batch=batch)
+    return make_chunk_program(graphdef), (spec, state, inputs, tables), chunk_flops(config, spec, batch)
+
+
+def distilled_sampling():
+    """(scheduler, settings) of the Distilled variant's defaults, no CFG."""
+    from helios_jax.sampling.chunk_plan import HISTORY_SIZES, LATENT_FRAMES_PER_CHUNK, SamplingSettings
     from helios_jax.sampling.schedulers import HeliosScheduler
     from helios_jax.sampling.variants import DEFAULTS, SCHEDULER_CONFIGS
 
     scheduler = HeliosScheduler.from_config_json(SCHEDULER_CONFIGS["distilled"])
     settings = SamplingSettings(pyramid_steps=tuple(DEFAULTS["distilled"]["pyramid_num_inference_steps_list"]),
-                                guidance="none", history_sizes=HISTORY_SIZES, frames=LATENT_FRAMES_PER_CHUNK)
-    _, h, w = LATENT_SIZE
-    spec, tables = plan_chunk(scheduler.config, scheduler.constants, settings, latent_height=h,
-                              latent_width=w, is_first_chunk=False, patch_size=tuple(config.patch_size))
-    channels = config.in_channels
-    f32 = jnp.float32
-    inputs = ChunkInputs(
-        history=_batch_sharded((batch, channels, spec.window, h, w), f32, mesh),
-        anchor=_batch_sharded((batch, channels, 1, h, w), f32, mesh),
-        prompt_embeds=_batch_sharded((batch, TEXT_TOKENS, config.text_dim), jnp.dtype(config.dtype), mesh),
-        negative_prompt_embeds=None,
-        noise=_batch_sharded((batch, channels, spec.frames, h, w), f32, mesh),
-        block_noise=tuple(_replicated((block_noise_count((batch, channels, spec.frames, s.height, s.width)), 4), f32, mesh)
-                          for s in spec.stages[1:]),
-        guidance_scale=_replicated((), f32, mesh),
-    )
-    program = make_chunk_program(graphdef)
-    flops = batch * sum(s.num_steps * forward_flops(config, (spec.frames, s.height, s.width)) for s in spec.stages)
-    return program, (spec, state, inputs, tables), flops
+                                guidance="none", history_sizes=HISTORY_SIZES, frames=LATENT_FRAMES_PER_CHUNK,
+                                is_amplify_first_chunk=True)
+    return scheduler, settings
+
+
+def chunk_flops(config, spec, batch: int) -> float:
+    return batch * sum(s.num_steps * forward_flops(config, (spec.frames, s.height, s.width)) for s in spec.stages)
 
 
 def forward_flops(config, current_size=None) -> float:
@@ -482,8 +451,7 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
     return math.prod(shard) * np.dtype(x.dtype).itemsize
 
 
-def describe_mesh(shape: dict) -> str:
-    return ",".join(f"{axis}={size}" for axis, size in shape.items() if size > 1) or "single device"
+describe_mesh = describe_sizes
 
 
 def format_report(report: Report) -> list[str]:

@@ -451,7 +451,7 @@ def _quantized(module, mode: str):
     return quantization.quantize(module, mode)
 
 
-def _quantized_builder(build, mode: str | None):
+def quantized_builder(build, mode: str | None):
     return build if build is None or mode is None else (lambda: _quantized(build(), mode))
 
 
@@ -460,8 +460,8 @@ def _plan(builds: dict, scheduler, flags: dict, mesh, memory_plan: str, quantize
     from helios_jax.sampling.placement import plan_placement
 
     builds = dict(builds)
-    builds["build_transformer"] = _quantized_builder(builds["build_transformer"], quantize)
-    builds["build_text_encoder"] = _quantized_builder(builds["build_text_encoder"], quantize)
+    builds["build_transformer"] = quantized_builder(builds["build_transformer"], quantize)
+    builds["build_text_encoder"] = quantized_builder(builds["build_text_encoder"], quantize)
     variant = variants_lib.variant_of(scheduler.config.stages, **flags)
     settings = resolve_settings(variant, scheduler.config.stages, flags["is_cfg_zero_star"], flags["is_distilled"])[0]
     stride = 8  # the Wan VAE's spatial factor

@@ -1,0 +1,86 @@
+"""Device memory of the whole generate: the memory plans, moving parameters to host memory and
+back, the pipeline under each plan, and `helios-jax aot --task generate` on a TPU topology."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from helios_jax import offload
+from helios_jax.sampling import memory_plan
+
+
+def test_choose_plan_keeps_everything_where_it_fits_and_offloads_in_order():
+    sizes = dict(transformer_bytes=10, vae_bytes=1, text_bytes=5)
+    assert memory_plan.choose_plan(None, **sizes, chunk_temporaries=100) == "resident"  # no limit known (CPU)
+    assert memory_plan.choose_plan(40, **sizes, chunk_temporaries=10) == "resident"
+    assert memory_plan.choose_plan(20, **sizes, chunk_temporaries=10) == "offload_text_encoder"
+    assert memory_plan.choose_plan(12, **sizes, chunk_temporaries=0) == "sequential"
+    with pytest.raises(ValueError, match="--memory-plan must be one of"):
+        memory_plan.check_plan("everywhere")
+
+
+def test_to_host_and_back_keeps_values_and_frees_the_device_copy():
+    module = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    before = np.asarray(module.kernel.get_value())
+    old = module.kernel.get_value()
+    offload.to_host(module)
+    assert offload.on_host(module) and module.kernel.get_value().sharding.memory_kind == "pinned_host"
+    assert old.is_deleted()
+    offload.to_device(module)
+    assert not offload.on_host(module)
+    np.testing.assert_array_equal(np.asarray(module.kernel.get_value()), before)
+    assert offload.device_bytes(module) == (8 * 4 + 4) * 4
+
+
+@pytest.mark.parametrize("plan", ["offload_text_encoder", "sequential"])
+def test_pipeline_under_each_plan_samples_what_the_resident_one_samples(plan):
+    from helios_jax.pipeline import HeliosPipeline
+
+    kwargs = dict(num_frames=33, height=64, width=64, pyramid_num_inference_steps_list=(1, 1, 1),
+                  is_amplify_first_chunk=False, output_type="latent", seed=3)
+    resident = HeliosPipeline.tiny_random("distilled", seed=1)
+    expected = resident("a boat", **kwargs)
+    pipe = HeliosPipeline.tiny_random("distilled", seed=1, memory_plan=plan)
+    assert pipe.memory_plan == plan and offload.on_host(pipe.text_encoder.encoder)
+    np.testing.assert_array_equal(pipe("a boat", **kwargs), expected)
+    # after the prompt: the text encoder waits on the host, the transformer and VAE are back on the device
+    assert offload.on_host(pipe.text_encoder.encoder)
+    assert not offload.on_host(pipe.transformer) and not offload.on_host(pipe.vae)
+
+
+def test_plan_peaks_take_the_largest_phase_of_each_plan():
+    from helios_jax.aot_generate import ProgramMemory, plan_peaks
+
+    programs = {"text_encoder": ProgramMemory("text_encoder", 12, 11, 0),
+                "chunk": ProgramMemory("chunk", 20, 14, 0), "vae_decode": ProgramMemory("vae_decode", 3, 0.5, 0)}
+    peaks = plan_peaks(programs)
+    assert peaks["resident"] == max(12 + 14.5, 20 + 0.5 + 11, 3 + 14 + 11)
+    assert peaks["offload_text_encoder"] == max(12 + 14.5, 20 + 0.5, 3 + 14)
+    assert peaks["sequential"] == max(12, 20 + 0.5, 3 + 14)
+
+
+def test_aot_generate_compiles_every_program_on_the_auto_mesh_of_a_tpu_slice(capsys):
+    pytest.importorskip("libtpu")
+    from helios_jax import cli
+
+    code = cli.main(["aot", "--topology", "v5e:2x2", "--model", "tiny", "--task", "generate", "--height", "64",
+                     "--width", "64"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 0, text
+    assert "mesh auto: fsdp=4: peak" in text and "mesh auto: chose" in text
+    for name in ("text_encoder", "chunk", "vae_decode"):
+        assert f"  {name}: peak" in text
+    for plan in ("resident", "offload_text_encoder", "sequential"):
+        assert f"  {plan}" in text
+    assert "<- generate takes this" in text and "(16 GiB HBM per chip)" in text
+
+
+def test_aot_generate_bad_flags_are_one_line(capsys):
+    from helios_jax import cli
+
+    assert cli.main(["aot", "--topology", "v5e:2x2", "--task", "generate", "--quantize", "int8", "--model", "tiny",
+                     "--height", "100"]) == 2
+    assert "multiples of" in capsys.readouterr().err
+    assert cli.main(["aot", "--topology", "v5e:2x2", "--task", "rollout", "--quantize", "int8"]) == 2
+    assert "--quantize applies to --task generate" in capsys.readouterr().err
+
