@@ -3,6 +3,7 @@ driver), plus the request checks and the live prompt on their own."""
 import shutil
 import tempfile
 import threading
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -85,6 +86,106 @@ def test_live_prompt_switches_on_the_next_chunk_or_blends_over_several():
     np.testing.assert_array_equal(blended.for_chunk(2), new)
     with pytest.raises(ValueError, match="new prompt: empty"):
         blended.post(" ")
+
+
+# ------------------------------------------------------------------------------------------------
+# The growing video's files: at most two joins at a time, removed once no page shows them
+
+def chunk_frames(index, size=32):
+    rng = np.random.RandomState(index)
+    return (rng.rand(33, size, size, 3) * 255).astype(np.uint8)
+
+
+def folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def distinct_bytes(files) -> int:
+    """Bytes on disk: a hard link to a file counted once."""
+    return sum({p.stat().st_ino: p.stat().st_size for p in files}.values())
+
+
+def mp4_frame_count(path: Path) -> int:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    next(reader)
+    return sum(1 for _ in reader)
+
+
+def test_growing_video_holds_two_joins_at_most_and_about_twice_the_video(tmp_path):
+    from helios_jax.serve.growing_video import GrowingVideo
+
+    video = GrowingVideo(tmp_path / "request", fps=24)
+    shown = []
+    for index in range(6):
+        shown.append(video.append(chunk_frames(index)))
+        files = folder_files(video.folder)
+        assert files == sorted(shown[-2:]), files  # the latest and the one the page may still read
+        assert distinct_bytes(files) <= 2 * shown[-1].stat().st_size
+    assert len({p.name for p in shown}) == 6  # a new name for every update
+    assert mp4_frame_count(shown[-1]) == 6 * 33 and video.frames == 6 * 33
+    finished = video.finish("helios_base_seed1.mp4")
+    video.close()
+    files = folder_files(video.folder)
+    assert files == sorted([shown[-1], finished]) and distinct_bytes(files) == finished.stat().st_size
+    assert mp4_frame_count(finished) == 6 * 33
+
+
+class FakePipeline:
+    """iter_chunks as the worker calls it, with made-up decoded frames (no model)."""
+
+    def __init__(self, num_chunks):
+        self.num_chunks = num_chunks
+
+    def iter_chunks(self, *, prompt_for_chunk, **settings):
+        from types import SimpleNamespace
+
+        for index in range(self.num_chunks):
+            prompt_for_chunk(index)
+            yield SimpleNamespace(index=index, num_chunks=self.num_chunks, frames=chunk_frames(index)[None])
+
+
+def test_request_folders_are_removed_once_no_page_shows_them(tmp_path):
+    from helios_jax.serve.growing_video import RequestFolders
+    from helios_jax.serve.worker import Worker
+
+    worker = Worker({"distilled": FakePipeline(num_chunks=5)}, height=64, width=64)
+    folders = RequestFolders(tmp_path / "serve", remove_work_dir=True)
+    request = valid(num_frames=99)  # the fake pipeline makes 5 chunks whatever the request asks
+
+    def run(session, stop_after=None):
+        folder = folders.open(session)
+        updates = worker.generate(request, LivePrompt(request.prompt, fake_encoder), folder)
+        for progress in updates:
+            files = folder_files(folder)
+            assert len(files) <= 2 + (progress.finished is not None), files  # O(1) files, whatever the length
+            assert distinct_bytes(files) <= 2 * progress.video_so_far.stat().st_size
+            if progress.chunks_done == stop_after:
+                break
+        updates.close()  # as the app does when a request ends or is stopped
+        folders.request_ended(folder)
+        return folder, progress
+
+    first, progress = run("alice")
+    assert progress.finished and mp4_frame_count(progress.finished) == 5 * 33
+    # The request is over: only the video its page shows is left (the finished mp4 is the same file).
+    assert folder_files(first) == sorted([progress.video_so_far, progress.finished])
+    assert distinct_bytes(folder_files(first)) == progress.finished.stat().st_size
+
+    stopped, progress = run("bob", stop_after=2)
+    assert folder_files(stopped) == [progress.video_so_far]  # stopped: the last update shown, nothing else
+    second, _ = run("alice")  # alice's next request: her first video is shown no more
+    assert not first.exists() and second.exists()
+    folders.end_session("bob")  # bob's tab is closed
+    assert not stopped.exists()
+
+    # A folder superseded while its request still runs goes when that request ends.
+    running = folders.open("carol")
+    newer = folders.open("carol")
+    assert running.exists()
+    folders.request_ended(running)
+    assert not running.exists() and newer.exists()
+    folders.remove_all()  # at server exit
+    assert not (tmp_path / "serve").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +289,8 @@ def test_browser_streams_chunks_takes_a_new_prompt_and_survives_bad_input(server
     page.click("generate")
     first_video = page.wait_for_video("so_far_0001.mp4")
     assert len(recorder.received[1]) == 1  # only chunk 1 has run: the last chunk is still to come
+    # Served from the request's folder, not copied into gradio's cache on every update.
+    assert str(server.app.request_folders.work_dir) in urllib.parse.unquote(first_video), first_video
     assert "chunk 1/2" in page.wait_for_text("status", "frames/s")
     page.type("new_prompt", "a blue boat sails at night")
     page.click("change_prompt")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import tempfile
 import threading
 import traceback
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
 
 from helios_jax.distributed import log
+from helios_jax.serve.growing_video import RequestFolders
 from helios_jax.serve.live_prompt import LivePrompt
 from helios_jax.serve.validation import InputError, Limits, validate_request
 from helios_jax.serve.worker import Progress, Worker
@@ -47,7 +49,10 @@ def status_line(progress: Progress) -> str:
 
 def build_app(worker: Worker, limits: Limits, *, default_frames: int, work_dir: str | Path | None = None) -> gr.Blocks:
     sessions = Sessions()
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="helios-serve-"))
+    folders = RequestFolders(work_dir or tempfile.mkdtemp(prefix="helios-serve-"), remove_work_dir=work_dir is None)
+    # Served in place: gradio would otherwise copy every update of the growing video into its cache,
+    # bytes growing with the square of the video's length. RequestFolders deletes them instead.
+    gr.set_static_paths([folders.work_dir])
 
     def generate(prompt, negative_prompt, variant, frames, seed, height, width, image, video, request: gr.Request):
         try:
@@ -57,21 +62,28 @@ def build_app(worker: Worker, limits: Limits, *, default_frames: int, work_dir: 
             yield None, f"**Error**: {error}", None
             return
         session = request.session_hash or "anonymous"
-        live = None
+        live = folder = None
         try:
             yield None, f"**waiting for the device**: {job.task}, {job.width}x{job.height}, {job.num_frames} frames", None
             live = worker.live_prompt(job)
             sessions.start(session, live)
-            folder = Path(tempfile.mkdtemp(prefix="request-", dir=work_dir))
-            for progress in worker.generate(job, live, folder):
-                yield str(progress.video_so_far), status_line(progress), \
-                    str(progress.finished) if progress.finished else gr.skip()
+            folder = folders.open(session)  # the session's previous video is no longer shown: it goes
+            # closing: a stopped request's worker cleans its folder now, not when garbage collected.
+            with closing(worker.generate(job, live, folder)) as updates:
+                for progress in updates:
+                    yield str(progress.video_so_far), status_line(progress), \
+                        str(progress.finished) if progress.finished else gr.skip()
         except Exception as error:  # a failed request is reported; the server stays up for the next
             log(f"serve: request failed: {traceback.format_exc()}")
             yield gr.skip(), f"**Error**: generation failed: {error}", None
         finally:
             if live is not None:
                 sessions.end(session, live)
+            if folder is not None:
+                folders.request_ended(folder)
+
+    def end_session(request: gr.Request):
+        folders.end_session(request.session_hash or "anonymous")
 
     def change_prompt(new_prompt, request: gr.Request):
         live = sessions.get(request.session_hash or "anonymous")
@@ -119,4 +131,6 @@ def build_app(worker: Worker, limits: Limits, *, default_frames: int, work_dir: 
         stop.click(lambda: "**stopped**", None, status, cancels=[running], queue=False)
         # Not queued: a new prompt must reach the running request, which holds the device queue.
         change.click(change_prompt, new_prompt, prompt_status, queue=False)
+        app.unload(end_session)  # the tab is closed: its video is shown nowhere
+    app.request_folders = folders  # for tests and for whoever wants to clean up before exit
     return app

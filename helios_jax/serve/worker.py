@@ -92,7 +92,8 @@ class Worker:
                           transition_chunks=self.transition_chunks)
 
     def generate(self, request: GenerationRequest, live: LivePrompt, folder: str | Path) -> Iterator[Progress]:
-        """Runs one request, yielding after each decoded chunk; closing the iterator stops it between chunks."""
+        """Runs one request, yielding after each decoded chunk; closing the iterator stops it between chunks.
+        `folder` is the request's own: it holds the latest video and the one before, at most."""
         pipe = self.pipelines[request.variant]
         number = next(self._numbers)
 
@@ -124,3 +125,4 @@ class Worker:
                                so_far, live.text, finished)
         finally:
             chunks.close()
+            video.close()  # only what the page shows stays: the latest video (the finished mp4, if done)
