@@ -85,7 +85,7 @@ def check_device_arguments(args) -> None:
     """The device flags, checked before any weight is read or program compiled."""
     import jax
 
-    from helios_jax.kernels.dispatch import IMPLEMENTATIONS
+    from helios_jax.kernels.dispatch import FORCE_VARIABLE, IMPLEMENTATIONS, forced_impl
     from helios_jax.sampling.mesh_choice import check_mesh_flag
 
     check_mesh_flag(args.mesh, jax.device_count())
@@ -96,7 +96,13 @@ def check_device_arguments(args) -> None:
         if args.attention not in IMPLEMENTATIONS or args.attention == "auto":
             raise ValueError(f"--attention must be one of {', '.join(i for i in IMPLEMENTATIONS if i != 'auto')}; "
                              f"got {args.attention!r}")
-        os.environ["HELIOS_ATTENTION_IMPL"] = args.attention  # what impl="auto" resolves to
+        try:
+            forced_impl({FORCE_VARIABLE: args.attention})  # one this backend cannot run fails here, not mid-compile
+        except ValueError as error:
+            raise ValueError(str(error).replace(f"{FORCE_VARIABLE}=", "--attention ")) from None
+        os.environ[FORCE_VARIABLE] = args.attention  # what impl="auto" resolves to
+    else:
+        forced_impl()  # a bad HELIOS_ATTENTION_IMPL is reported before anything is built
 
 
 def check_arguments(args) -> None:

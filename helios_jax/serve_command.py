@@ -80,6 +80,7 @@ class Server:
 
     def close(self) -> None:
         self.app.close()
+        self.app.request_folders.remove_all()  # every request's growing video goes with the server
 
 
 def _load_pipelines(args, height: int, width: int) -> dict:

@@ -35,6 +35,7 @@ def run(*args):
     (("--quantize", "int8", "--dtype", "float32"), "--quantize int8"),
     (("--quantize", "int4"), "--quantize"),
     (("--attention", "flash9"), "--attention must be one of"),
+    (("--attention", "cudnn"), "--attention cudnn is not supported on this backend (cpu)"),
 ])
 def test_bad_device_flags_exit_2_with_one_line_before_anything_is_built(tmp_path, args, culprit):
     out = tmp_path / "out.mp4"
