@@ -92,16 +92,16 @@ class HeliosPipeline:
     # Construction
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, mesh="auto", transformer=None, quantize=None,
+    def from_pretrained(cls, path, *, dtype=None, mesh=None, transformer=None, quantize=None,
                         memory_plan: str = "auto", height: int = 384, width: int = 640,
                         progress=lambda message: None) -> "HeliosPipeline":
         """A model folder (diffusers format or converted by `helios-jax convert`) with transformer/,
         vae/, scheduler/ and optionally text_encoder/ + tokenizer/ (without them, pass embeddings).
 
         `transformer`: a transformer folder used instead of the model folder's (e.g. written by
-        `helios-jax merge-lora` from a training run). `mesh`: "auto" (every device, the layout whose
-        compiled chunk program at height x width fits and is fastest; one device: none), None (one
-        device), "AXIS=SIZE,..." or a Mesh. `quantize`: None or "int8" (weight-only, transformer and
+        `helios-jax merge-lora` from a training run). `mesh`: None (one device, api.md's default),
+        "auto" (every device, the layout whose compiled chunk program at height x width fits and is
+        fastest: what `helios-jax generate` uses), "AXIS=SIZE,..." or a Mesh. `quantize`: None or "int8" (weight-only, transformer and
         text encoder). `memory_plan`: see sampling/memory_plan.py. Everything is checked, and the
         mesh and plan are chosen, before any weight is read."""
         from helios_jax.loading import module_builder
