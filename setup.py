@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "tokenizers",  # the UMT5 tokenizer (tokenizer.json); transformers is not needed at run time
         "ftfy",  # prompt cleaning, as the reference does it
+        "qwix>=0.1.8",  # weight-only int8 (helios_jax/quantization.py)
     ],
     extras_require={
         # References for parity tests only; the product never imports torch.
