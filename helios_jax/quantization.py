@@ -2,10 +2,12 @@
 
 `quantize(model, "int8")` replaces, in place, every large matmul weight with a qwix `QArray`: int8
 values plus one fp32 scale per output channel (per layer for the stacked blocks), quantized by
-qwix's absmax calibration. In the forward the layer dequantizes the weight (`qwix.dequantize`),
-rounds it to the compute dtype and runs the same einsum as before, so activations stay bf16/fp32
-and accumulate in fp32. Inside the block scan that happens one layer at a time: at most one layer's
-weights exist in full precision at once, and XLA may fuse the dequantization into the matmul.
+qwix's absmax calibration. In the forward the layer multiplies by the int8 values converted to the
+compute dtype (exact: int8 fits bf16's mantissa) with fp32 accumulation and applies the
+per-output-channel scale to that fp32 sum, x @ (q * s) == (x @ q) * s; activations stay bf16/fp32.
+The convert fuses into the matmul, so no dequantized copy of a weight exists even inside the block
+scan and the step loop (with `qwix.dequantize` first, the int8 14B chunk program needed 16.0 GiB of
+HBM on a v5e chip and did not fit).
 
 Why not `qwix.quantize_model(model, qwix.PtqProvider(rules), *inputs)`: it quantizes each weight
 the first time the layer's einsum runs, in a full-precision forward. In our scanned block stack
@@ -56,7 +58,7 @@ QUANTIZED_LAYERS = {HeliosTransformer3DModel: TRANSFORMER_LAYERS, UMT5EncoderMod
 class QuantizedDense(nnx.Module):
     """Dense (or the encoder's bias-free Linear) with its kernel as int8 + per-output-channel scales.
 
-    Called like the layer it replaces: y = x @ dequantize(kernel) (+ bias), fp32 accumulation,
+    Called like the layer it replaces: y = (x @ int8 values) * scales (+ bias), fp32 accumulation,
     output in the layer's dtype; a LoRA adapter the layer had is kept and still applies.
     """
 
@@ -69,8 +71,13 @@ class QuantizedDense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        weight = qwix.dequantize(_values(self.kernel)).astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, weight, preferred_element_type=jnp.float32)
+        kernel = _values(self.kernel)
+        # The scale is per output channel, so it is applied to the fp32 sum instead of the weight:
+        # x @ (q * s) == (x @ q) * s. The int8 -> bf16 convert (exact) then fuses into the matmul's
+        # operand and no dequantized copy of the weight (fp32 or bf16) exists, which is what lets the
+        # int8 14B chunk program fit one 16 GiB chip.
+        y = jnp.einsum("...i,io->...o", x, kernel.qvalue.astype(self.dtype), preferred_element_type=jnp.float32)
+        y = y * _output_scale(kernel.scale)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return add_adapter(self, y, "...i,ir->...r", x).astype(self.dtype)
@@ -213,6 +220,13 @@ def _quantize_array(value: jax.Array, *, channel_axis: int, stacked: bool):
         return q.qvalue, q.scale
 
     return jax.lax.map(one_matrix, value) if stacked else one_matrix(value)
+
+
+def _output_scale(scale: jax.Array) -> jax.Array:
+    """The [in=1, out] per-output-channel scale as an fp32 vector over the output channels."""
+    if any(size != 1 for size in scale.shape[:-1]):
+        raise ValueError(f"expected one scale per output channel, got scale shape {tuple(scale.shape)}")
+    return scale.reshape(scale.shape[-1]).astype(jnp.float32)
 
 
 def _values(qarray: qwix.QArray) -> qwix.QArray:
