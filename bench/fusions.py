@@ -43,17 +43,18 @@ def main() -> None:
 
     import jax
 
-    from helios_jax import aot
+    from helios_jax.aot import steps
     from helios_jax.models import transformer_config
     from helios_jax.parallel import use_mesh
+    from helios_jax.tpu_topology import quiet_libtpu_environment, topology_devices
 
-    aot.quiet_libtpu_environment(args.topology)
-    devices = aot.topology_devices(args.topology)
-    mesh = aot.build_mesh(devices, {"fsdp": -1})
+    quiet_libtpu_environment(args.topology)
+    devices = topology_devices(args.topology)
+    mesh = steps.build_mesh(devices, {"fsdp": -1})
     config = transformer_config.preset(args.model, num_layers=1, attention_impl=args.attention,
                                        norm_rope_impl=args.norm_rope)
-    graphdef, state = aot.abstract_state(config, mesh)
-    function, call_args, _ = aot.forward_step(graphdef, state, config, mesh, 1)
+    graphdef, state = steps.abstract_state(config, mesh)
+    function, call_args, _ = steps.forward_step(graphdef, state, config, mesh, 1)
     print(f"compiling a 1-block {args.model} forward (384x640 chunk + history) for {args.topology} "
           f"({devices[0].device_kind}), attention {args.attention}, norm + RoPE {args.norm_rope} ...", flush=True)
     with use_mesh(mesh):

@@ -33,7 +33,7 @@ from helios_jax.models.flops import transformer_flops
 from helios_jax.models.text_encoder import UMT5EncoderModel
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.vae import AutoencoderKLWan
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 from helios_jax.sampling.chunk_plan import noisy_tokens
 from helios_jax.sampling.schedulers import HeliosScheduler
 from helios_jax.sampling.variants import DEFAULTS, PIPELINE_FLAGS, SCHEDULER_CONFIGS

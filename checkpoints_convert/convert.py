@@ -266,7 +266,7 @@ def plan_source(src: Path, dtype: str | None, selected=None):
     return plans, copies, True
 
 
-def _clean_stale_temporaries(dst: Path) -> None:
+def clean_stale_temporaries(dst: Path) -> None:
     """Remove temporaries of DST left by conversions that were killed (their process is gone)."""
     for path in dst.parent.glob(f".{dst.name}.tmp-*"):
         try:
@@ -299,7 +299,7 @@ def convert(src, dst, *, components=None, dtype=None, overwrite=False, verify=Fa
         raise CheckpointError(f"{dst}: already exists (use --overwrite)")
     plans, copies, model_folder = plan_source(src, dtype, components)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(dst)
+    clean_stale_temporaries(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     bar = _Progress(sum(p.total_bytes for p in plans.values()), sum(len(p.tensor_keys) for p in plans.values()),
                     progress)

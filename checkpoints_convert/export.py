@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints_convert import components as comp
-from checkpoints_convert.convert import CONVERSION_JSON, _clean_stale_temporaries, publish
+from checkpoints_convert.convert import CONVERSION_JSON, clean_stale_temporaries, publish
 from checkpoints_convert.param_store import ParamReader, numpy_dtype
 from checkpoints_convert.safetensors_folder import CheckpointError
 from checkpoints_convert.safetensors_stream import write_file
@@ -92,7 +92,7 @@ def export(src, dst, *, overwrite=False, max_shard_bytes=DEFAULT_SHARD_BYTES, pr
     else:
         raise CheckpointError(f"{src}: not a converted folder (no {CONVERSION_JSON} or model_index.json)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(dst)
+    clean_stale_temporaries(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     total = sum(_stored_bytes(src / name) for name in converted)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress)

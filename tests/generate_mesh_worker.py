@@ -26,7 +26,7 @@ def generate(out_dir: str, mesh: str, devices=None) -> tuple[np.ndarray, str]:
     video_writer.Mp4Writer.append = lambda self, chunk: (frames.append(np.asarray(chunk)), append(self, chunk))[1]
     original_log = cli.distributed.log
     try:
-        import helios_jax.generate_command as generate_command
+        import helios_jax.commands.generate as generate_command
 
         generate_command.log = lambda message: (lines.append(message), original_log(message))
         args = ["generate", "--model", "tiny-random", "--prompt", "a red car on a coastal road", "--num-frames", "66",
@@ -43,7 +43,7 @@ def generate(out_dir: str, mesh: str, devices=None) -> tuple[np.ndarray, str]:
 
 def single_device_frames() -> np.ndarray:
     """What `generate` computes on one device: the same pipeline and arguments, no mesh."""
-    from helios_jax.pipeline import HeliosPipeline
+    from helios_jax.sampling.pipeline import HeliosPipeline
 
     pipe = HeliosPipeline.tiny_random("distilled", seed=42)
     assert pipe.mesh is None

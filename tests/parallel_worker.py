@@ -113,7 +113,7 @@ def check_loading(diffusers_folder: str, converted_folder: str):
 
 def check_pipeline():
     """A tiny Distilled pipeline with CFG on data=2 x fsdp=4 samples what one device samples."""
-    from helios_jax.pipeline import HeliosPipeline
+    from helios_jax.sampling.pipeline import HeliosPipeline
     from helios_jax.sampling.variants import PIPELINE_FLAGS
     from helios_jax.tiny_random import tiny_random_components
 

@@ -25,12 +25,12 @@ from helios_jax.cli import main
 from helios_jax.config_flags import apply_overrides, load_config
 from helios_jax.parallel import make_mesh
 from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
-from helios_jax.prepare_ode_command import load_teacher
+from helios_jax.commands.prepare_ode import load_teacher
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.training.checkpointing import Checkpoints
 from helios_jax.loading import load
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 from helios_jax.training.lora import trainable_filter
 from helios_jax.training.model_setup import build_student
 from helios_jax.training.ode_data import OdeDataset, make_ode_loader

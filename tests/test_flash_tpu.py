@@ -183,7 +183,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from helios_jax.aot import topology_devices
+from helios_jax.tpu_topology import topology_devices
 from helios_jax.kernels.flash_tpu import flash_attention
 from helios_jax.parallel import make_mesh
 

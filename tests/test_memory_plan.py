@@ -33,7 +33,7 @@ def test_to_host_and_back_keeps_values_and_frees_the_device_copy():
 
 @pytest.mark.parametrize("plan", ["offload_text_encoder", "sequential"])
 def test_pipeline_under_each_plan_samples_what_the_resident_one_samples(plan):
-    from helios_jax.pipeline import HeliosPipeline
+    from helios_jax.sampling.pipeline import HeliosPipeline
 
     kwargs = dict(num_frames=33, height=64, width=64, pyramid_num_inference_steps_list=(1, 1, 1),
                   is_amplify_first_chunk=False, output_type="latent", seed=3)
@@ -48,7 +48,7 @@ def test_pipeline_under_each_plan_samples_what_the_resident_one_samples(plan):
 
 
 def test_plan_peaks_take_the_largest_phase_of_each_plan():
-    from helios_jax.aot_generate import ProgramMemory, plan_peaks
+    from helios_jax.aot.generate import ProgramMemory, plan_peaks
 
     programs = {"text_encoder": ProgramMemory("text_encoder", 12, 11, 0),
                 "chunk": ProgramMemory("chunk", 20, 14, 0), "vae_decode": ProgramMemory("vae_decode", 3, 0.5, 0)}

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from checkpoints_convert import transformer_keys
 from helios_jax.cli import main
 from helios_jax.loading import load
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 from tests.diffusers_reference import build_reference, relative_error, run_reference
 from tests.test_trainer import command_env
 from tests.test_transformer_parity import make_inputs, run_ours

@@ -118,7 +118,7 @@ print("mesh ok")
 COMPILE_SCRIPT = """
 import jax, jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
-from helios_jax.aot import quiet_libtpu_environment, topology_devices
+from helios_jax.tpu_topology import quiet_libtpu_environment, topology_devices
 from helios_jax.kernels.norm_rope_tpu import norm_rope, reference_norm_rope
 
 quiet_libtpu_environment("TOPOLOGY")

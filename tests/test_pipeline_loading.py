@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from checkpoints_convert.convert import convert
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 from tests import pipeline_reference as ref
 from tests.diffusers_reference import relative_error
 
@@ -62,7 +62,7 @@ import jax
 import numpy as np
 from flax import nnx
 from helios_jax import parallel
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 
 data = np.load(sys.argv[3], allow_pickle=False)
 draws = [data[f"draw{i}"] for i in range(int(data["count"]))]

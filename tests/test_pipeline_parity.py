@@ -12,7 +12,7 @@ swapped height and width.
 import numpy as np
 import pytest
 
-from helios_jax.pipeline import HeliosPipeline
+from helios_jax.sampling.pipeline import HeliosPipeline
 from helios_jax.sampling.schedulers import HeliosScheduler
 from tests import pipeline_reference as ref
 from tests.diffusers_reference import relative_error

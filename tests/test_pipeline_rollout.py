@@ -10,7 +10,7 @@ from flax import nnx
 from helios_jax.models import transformer_config, vae_config
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.vae import AutoencoderKLWan
-from helios_jax.pipeline import HeliosPipeline, check_size
+from helios_jax.sampling.pipeline import HeliosPipeline, check_size
 from helios_jax.sampling import pyramid
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.schedulers import HeliosScheduler
@@ -153,7 +153,7 @@ def test_interactive_prompts_switch_per_chunk_without_recompiling(components):
     """Two prompts of 4 chunks each, blended over 3 chunks (spec §7): too few frames asked, so the
     chunk count becomes the sum of the cumulative ends (4 + 8 = 12), and the prompt changes never
     change the compiled program."""
-    from helios_jax.pipeline import _interpolation
+    from helios_jax.sampling.pipeline import _interpolation
 
     embeds = np.stack([EMBEDS[0], -EMBEDS[0]])
     num_chunks, chunk_prompt = _interpolation(embeds, 1, [4, 4], 3)

@@ -14,7 +14,7 @@ from helios_jax.data.encoding import chunk_key, tiny_random_components
 from helios_jax.data.metadata import read_clips
 from helios_jax.data.storage import LatentDataset, read_extra
 from helios_jax.data.negative_prompt import TRAINING_NEGATIVE_PROMPT
-from helios_jax.prepare_data_command import NEGATIVE_PROMPT_EMBED
+from helios_jax.data.storage import NEGATIVE_PROMPT_EMBED
 
 TOY = Path("/work/shared/data/toy_data")
 METADATA = TOY / "toy_filter.json"

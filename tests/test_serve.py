@@ -201,7 +201,7 @@ def server():
         pytest.fail("needs Debian's chromium and chromium-driver: run `make test` (tools/install_browser.sh) "
                     "or apt-get install -y chromium chromium-driver")
     from helios_jax.cli import build_parser
-    from helios_jax.serve_command import start_server
+    from helios_jax.commands.serve import start_server
 
     # Base samples in one stage, so 32x32 frames are allowed: the smallest, fastest chunks.
     args = build_parser().parse_args(["serve", "--model", "tiny-random", "--variant", "base", "--port", "0",

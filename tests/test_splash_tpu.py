@@ -170,7 +170,7 @@ def test_splash_under_a_mesh_and_inside_shard_map_matches_xla():
 
 
 COMPILE_SCRIPT = """
-from helios_jax.aot import quiet_libtpu_environment, topology_devices
+from helios_jax.tpu_topology import quiet_libtpu_environment, topology_devices
 
 quiet_libtpu_environment("v5p:2x2x1")
 import jax

@@ -224,6 +224,10 @@ class LatentDataset(RecordDataset):
         return f"LatentDataset({str(self.path)!r}, {len(self)} clips)"
 
 
+# The extras entry prepare-data stores the training negative prompt's embedding under (Stage 3's real score).
+NEGATIVE_PROMPT_EMBED = "negative_prompt_embed"
+
+
 def read_extra(path: str | Path, name: str) -> np.ndarray:
     """A dataset-wide array `write_dataset(..., extras=)` stored; a clear error when it is absent."""
     file = Path(path) / EXTRAS_FILE

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from helios_jax.aot import quiet_libtpu_environment, topology_devices
+from helios_jax.tpu_topology import quiet_libtpu_environment, topology_devices
 
 MOSAIC_CALL = "tpu_custom_call"  # how a compiled Pallas TPU kernel appears in the TPU HLO
 

@@ -19,8 +19,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from helios_jax.kernels.kernel_mesh import automatic_axes, axis_if_divides, batch_axes
-from helios_jax.models import rope
-from helios_jax.models.layers import rms_norm
+from helios_jax.kernels import norm_rope_math as rope
+from helios_jax.kernels.norm_rope_math import rms_norm
 
 MAX_ROWS = 128  # a [128, 5120] tile: double-buffered in and out plus fp32 temporaries fit v4's 16 MiB of VMEM
 ROW_MULTIPLE = 16  # bf16 sublane tiling

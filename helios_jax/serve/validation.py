@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helios_jax.pipeline import check_size
+from helios_jax.sampling.pipeline import check_size
 
 
 class InputError(ValueError):

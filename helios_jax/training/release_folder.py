@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from checkpoints_convert import transformer_keys
 from checkpoints_convert.components import is_stacked
-from checkpoints_convert.convert import CONVERSION_JSON, _clean_stale_temporaries, publish
+from checkpoints_convert.convert import CONVERSION_JSON, clean_stale_temporaries, publish
 from checkpoints_convert.param_store import ParamWriter
 from checkpoints_convert.safetensors_stream import write_file
 from helios_jax.models.transformer import HeliosTransformer3DModel
@@ -45,7 +45,7 @@ def write_release_folder(trained: TrainedModel, dst, *, workdir, overwrite: bool
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists (use --overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(dst)
+    clean_stale_temporaries(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()

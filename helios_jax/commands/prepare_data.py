@@ -33,9 +33,6 @@ def add_command(commands) -> None:
     prepare.set_defaults(run=run)
 
 
-NEGATIVE_PROMPT_EMBED = "negative_prompt_embed"
-
-
 def run(args, overrides) -> None:
     import warnings
 
@@ -44,7 +41,7 @@ def run(args, overrides) -> None:
     from helios_jax.data import clips as clips_lib
     from helios_jax.data.encoding import encode_caption, encode_chunks, load_components
     from helios_jax.data.metadata import read_clips
-    from helios_jax.data.storage import write_dataset
+    from helios_jax.data.storage import NEGATIVE_PROMPT_EMBED, write_dataset
     from helios_jax.distributed import log
 
     if overrides:

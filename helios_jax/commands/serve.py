@@ -10,18 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helios_jax.distributed import log
-from helios_jax.generate_command import _steps_list, add_device_arguments, check_device_arguments, device_options
-from helios_jax.sampling.variants import VARIANTS
-
-
-def _variant_list(text: str) -> tuple[str, ...]:
-    import argparse
-
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in names if v not in VARIANTS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(VARIANTS)}; got {text!r}")
-    return names
+from helios_jax.commands.arguments import (add_device_arguments, check_device_arguments, device_options, steps_list,
+                                          variant_list)
 
 
 def add_command(commands) -> None:
@@ -32,7 +22,7 @@ def add_command(commands) -> None:
     serve.add_argument("--model", required=True, help="model folder (diffusers format or converted) or 'tiny-random'")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    serve.add_argument("--variant", type=_variant_list, help="tiny-random: variants to offer, e.g. distilled,base "
+    serve.add_argument("--variant", type=variant_list, help="tiny-random: variants to offer, e.g. distilled,base "
                        "(default distilled); a model folder offers its own variant")
     serve.add_argument("--height", type=int, help="default height, compiled at start-up (384; tiny-random 64)")
     serve.add_argument("--width", type=int, help="default width, compiled at start-up (640; tiny-random 64)")
@@ -40,7 +30,7 @@ def add_command(commands) -> None:
                        "(default 1452: 44 chunks, about a minute at 24 fps)")
     serve.add_argument("--default-frames", type=int, help="the page's initial frame count (default: the variant's)")
     serve.add_argument("--steps", type=int, help="Base: denoising steps per chunk for every request (default 50)")
-    serve.add_argument("--pyramid-steps", type=_steps_list, help="Mid/Distilled: steps per pyramid stage, e.g. 2,2,2")
+    serve.add_argument("--pyramid-steps", type=steps_list, help="Mid/Distilled: steps per pyramid stage, e.g. 2,2,2")
     serve.add_argument("--no-amplify-first-chunk", dest="amplify", action="store_false", default=None,
                        help="Distilled: no doubled steps on the first chunk")
     serve.add_argument("--transition-chunks", type=int, default=1, help="interactive mode: chunks over which a new "
@@ -84,9 +74,9 @@ class Server:
 
 
 def _load_pipelines(args, height: int, width: int) -> dict:
-    from helios_jax.pipeline import HeliosPipeline
+    from helios_jax.sampling.pipeline import HeliosPipeline
 
-    placement = device_options(args, height, width)
+    placement = device_options(args, height, width, log)
     if args.model == "tiny-random":
         return {v: HeliosPipeline.tiny_random(v, **placement) for v in (args.variant or ("distilled",))}
     pipe = HeliosPipeline.from_pretrained(args.model, dtype=args.dtype, **placement)
@@ -107,7 +97,7 @@ def start_server(args) -> Server:
         import gradio  # noqa: F401
     except ImportError:
         raise OSError("helios-jax serve needs gradio: pip install 'helios-jax[demo]'") from None
-    from helios_jax.pipeline import check_size
+    from helios_jax.sampling.pipeline import check_size
     from helios_jax.serve.app import build_app
     from helios_jax.serve.validation import Limits
     from helios_jax.serve.worker import Worker

@@ -1,10 +1,8 @@
 """`helios-jax aot`: compile a step for a TPU slice on this (TPU-less) machine and print its memory
-plan per device and its FLOPs (helios_jax/aot.py does the work)."""
+plan per device and its FLOPs (helios_jax/aot/ does the work)."""
 from __future__ import annotations
 
-# Here rather than in helios_jax.aot so that building the parser does not import jax.
-TASKS = ("forward", "rollout", "train", "stage1", "stage3_generator", "stage3_critic", "generate")
-MODELS = ("helios_14b", "tiny")
+from helios_jax.aot import MODELS, TASKS  # no jax import: building the parser stays cheap
 
 
 def add_command(commands) -> None:
@@ -41,7 +39,8 @@ def add_command(commands) -> None:
 def run(args, overrides) -> None:
     if overrides:
         raise ValueError(f"{overrides[0]}: aot takes no --config overrides")
-    from helios_jax.aot import compile_report, format_report, quiet_libtpu_environment
+    from helios_jax.aot.report import compile_report, format_report
+    from helios_jax.tpu_topology import quiet_libtpu_environment
     from helios_jax.distributed import log
 
     quiet_libtpu_environment(args.topology)
@@ -50,7 +49,7 @@ def run(args, overrides) -> None:
     # The host runs nothing itself: keep its own backend on the CPU even where libtpu is installed.
     jax.config.update("jax_platforms", "cpu")
     if args.task == "generate":
-        from helios_jax.aot_generate import format_generate_report, generate_report
+        from helios_jax.aot.generate import format_generate_report, generate_report
 
         report = generate_report(args.topology, model=args.model, mesh_text=args.mesh or "auto",
                                  quantize=args.quantize, attention=args.attention, memory_plan=args.memory_plan,

@@ -5,24 +5,13 @@ to the mp4 as soon as it is done (the file appears at --out only once complete).
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 from pathlib import Path
 
+from helios_jax.commands.arguments import add_device_arguments, check_device_arguments, device_options, steps_list
 from helios_jax.distributed import log
 from helios_jax.sampling.variants import VARIANTS
-
-
-def _steps_list(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step counts such as 2,2,2; got {text!r}") from None
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be positive; got {text!r}")
-    return steps
 
 
 def add_command(commands) -> None:
@@ -53,7 +42,7 @@ def add_command(commands) -> None:
     generate.add_argument("--fps", type=int, default=24, help="frame rate of the mp4 (the reference always writes 24)")
     generate.add_argument("--guidance-scale", type=float, help="CFG scale (default: 5 for Base and Mid, 1 for Distilled)")
     generate.add_argument("--steps", type=int, help="Base: denoising steps per chunk (default 50)")
-    generate.add_argument("--pyramid-steps", type=_steps_list, help="Mid/Distilled: steps per pyramid stage, e.g. 2,2,2")
+    generate.add_argument("--pyramid-steps", type=steps_list, help="Mid/Distilled: steps per pyramid stage, e.g. 2,2,2")
     amplify = generate.add_mutually_exclusive_group()
     amplify.add_argument("--amplify-first-chunk", dest="amplify", action="store_true", default=None,
                          help="Distilled: twice the steps on the first chunk (default on for Distilled)")
@@ -61,48 +50,6 @@ def add_command(commands) -> None:
     generate.add_argument("--dtype", choices=("float32", "bfloat16"), help="transformer and text encoder dtype")
     add_device_arguments(generate)
     generate.set_defaults(run=run_generate)
-
-
-def add_device_arguments(parser) -> None:
-    """--mesh, --quantize, --memory-plan, --attention: how generate and serve use the devices."""
-    from helios_jax.sampling.memory_plan import PLANS
-
-    parser.add_argument("--mesh", default="auto", metavar="auto|AXIS=SIZE,...",
-                        help="devices to run on: auto (default: every device, the layout over data,fsdp,tensor whose "
-                        "compiled chunk program fits and is fastest) or sizes over data,fsdp,tensor,seq, e.g. fsdp=8 "
-                        "or tensor=4,fsdp=2 (one size may be -1)")
-    parser.add_argument("--quantize", choices=("int8",), help="weight-only int8 transformer and text encoder "
-                        "(half the memory of bf16: the 14B on one 16 GiB chip)")
-    parser.add_argument("--memory-plan", default="auto", choices=PLANS,
-                        help="where the text encoder waits between prompts: resident (on the device), "
-                        "offload_text_encoder (host memory), sequential (host; the transformer too while it "
-                        "encodes); auto: the first that fits")
-    parser.add_argument("--attention", help="force one attention implementation (xla, cudnn, pallas_gpu, pallas_tpu, "
-                        "splash_tpu) instead of the measured choice; also HELIOS_ATTENTION_IMPL")
-
-
-def check_device_arguments(args) -> None:
-    """The device flags, checked before any weight is read or program compiled."""
-    import jax
-
-    from helios_jax.kernels.dispatch import FORCE_VARIABLE, IMPLEMENTATIONS, forced_impl
-    from helios_jax.sampling.mesh_choice import check_mesh_flag
-
-    check_mesh_flag(args.mesh, jax.device_count())
-    if args.quantize and args.dtype == "float32":
-        raise ValueError("--quantize int8 stores bf16-scaled int8 weights for bf16 matmuls; it cannot be combined "
-                         "with --dtype float32")
-    if args.attention is not None:
-        if args.attention not in IMPLEMENTATIONS or args.attention == "auto":
-            raise ValueError(f"--attention must be one of {', '.join(i for i in IMPLEMENTATIONS if i != 'auto')}; "
-                             f"got {args.attention!r}")
-        try:
-            forced_impl({FORCE_VARIABLE: args.attention})  # one this backend cannot run fails here, not mid-compile
-        except ValueError as error:
-            raise ValueError(str(error).replace(f"{FORCE_VARIABLE}=", "--attention ")) from None
-        os.environ[FORCE_VARIABLE] = args.attention  # what impl="auto" resolves to
-    else:
-        forced_impl()  # a bad HELIOS_ATTENTION_IMPL is reported before anything is built
 
 
 def check_arguments(args) -> None:
@@ -157,16 +104,10 @@ def _scheduler_stages(args) -> int:
     return from_folder(str(Path(args.model) / "scheduler")).stages
 
 
-def device_options(args, height: int, width: int) -> dict:
-    """The pipeline constructors' placement keywords from the device flags."""
-    return dict(mesh=args.mesh, quantize=args.quantize, memory_plan=args.memory_plan, height=height, width=width,
-                progress=log)
-
-
 def _load_pipeline(args, height: int, width: int):
-    from helios_jax.pipeline import HeliosPipeline
+    from helios_jax.sampling.pipeline import HeliosPipeline
 
-    placement = device_options(args, height, width)
+    placement = device_options(args, height, width, log)
     if args.model == "tiny-random":
         return HeliosPipeline.tiny_random(args.variant or "distilled", seed=args.seed, transformer=args.transformer,
                                           **placement)
@@ -191,7 +132,7 @@ def run_generate(args, overrides=()) -> None:
     width = args.width or (64 if tiny else 640)
 
     from helios_jax.media.video_writer import Mp4Writer
-    from helios_jax.pipeline import check_size
+    from helios_jax.sampling.pipeline import check_size
 
     check_size(height, width, _scheduler_stages(args))
     pipe = _load_pipeline(args, height, width)

@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from helios_jax import aot, parallel
+from helios_jax import parallel
+from helios_jax.aot.report import shard_bytes
+from helios_jax.aot.steps import LATENT_SIZE, build_mesh, distilled_sampling, model_config, parse_mesh
 from helios_jax.sampling import memory_plan as memory_plan_lib
 from helios_jax.sampling.abstract_chunk import batch_sharded, chunk_arguments, replicated
 from helios_jax.sampling.mesh_choice import GIB, choose_mesh, peak_bytes
 from helios_jax.sampling.placement import abstract_bytes_per_device
 from helios_jax.sampling.rollout import make_chunk_program
+from helios_jax.tpu_topology import hbm_gib, topology_devices
 
 TEXT_TOKENS = 512
 
@@ -61,9 +64,9 @@ def component_builders(model: str, attention: str, quantize: str | None) -> dict
     from helios_jax.models.text_encoder import UMT5EncoderModel
     from helios_jax.models.transformer import HeliosTransformer3DModel
     from helios_jax.models.vae import AutoencoderKLWan
-    from helios_jax.pipeline import quantized_builder
+    from helios_jax.sampling.pipeline import quantized_builder
 
-    config = aot.model_config(model, "rollout", attention)
+    config = model_config(model, "rollout", attention)
     tiny = model == "tiny"
     text = text_encoder_config.preset("tiny" if tiny else "umt5_xxl")
     if tiny:
@@ -84,11 +87,11 @@ def _compile(jitted, args, mesh) -> tuple[object, float]:
 
 
 def _parameter_bytes(state) -> float:
-    return float(sum(aot._shard_bytes(x) for x in jax.tree.leaves(state)))
+    return float(sum(shard_bytes(x) for x in jax.tree.leaves(state)))
 
 
-def compile_chunk(build, config, mesh, latent_size=aot.LATENT_SIZE) -> tuple[ProgramMemory, object]:
-    scheduler, settings = aot.distilled_sampling()
+def compile_chunk(build, config, mesh, latent_size=LATENT_SIZE) -> tuple[ProgramMemory, object]:
+    scheduler, settings = distilled_sampling()
     _, h, w = latent_size
     graphdef, state = parallel.abstract_sharded(build, mesh)
     spec, inputs, tables = chunk_arguments(config, scheduler, settings, mesh, latent_height=h, latent_width=w)
@@ -109,7 +112,7 @@ def compile_text_encoder(build, mesh) -> ProgramMemory:
     return ProgramMemory("text_encoder", peak_bytes(compiled), _parameter_bytes(state), seconds)
 
 
-def compile_vae_decode(build, config, mesh, latent_size=aot.LATENT_SIZE) -> ProgramMemory:
+def compile_vae_decode(build, config, mesh, latent_size=LATENT_SIZE) -> ProgramMemory:
     graphdef, state = parallel.abstract_sharded(build, mesh)
     frames, h, w = latent_size
 
@@ -139,19 +142,19 @@ def generate_report(topology: str, *, model: str = "helios_14b", mesh_text: str 
                     quantize: str | None = None, attention: str = "xla", memory_plan: str = "auto",
                     height: int = 384, width: int = 640, progress=lambda message: None) -> GenerateReport:
     """The report of one generate on `topology` at height x width (pixels; multiples of 64)."""
-    from helios_jax.pipeline import check_quantize
+    from helios_jax.sampling.pipeline import check_quantize
 
     check_quantize(quantize, "--quantize")
     memory_plan_lib.check_plan(memory_plan)
     mesh_text = mesh_text or "auto"
-    sizes = None if mesh_text == "auto" else aot.parse_mesh(mesh_text)
-    from helios_jax.pipeline import check_size
+    sizes = None if mesh_text == "auto" else parse_mesh(mesh_text)
+    from helios_jax.sampling.pipeline import check_size
 
     check_size(height, width, stages=3)
-    latent_size = (aot.LATENT_SIZE[0], height // 8, width // 8)
-    devices = aot.topology_devices(topology)
+    latent_size = (LATENT_SIZE[0], height // 8, width // 8)
+    devices = topology_devices(topology)
     builds, config = component_builders(model, attention, quantize)
-    hbm = aot.hbm_gib(topology)
+    hbm = hbm_gib(topology)
     chunks = {}  # chunk programs compiled so far, by mesh layout
 
     def chunk_on(mesh):
@@ -163,7 +166,7 @@ def generate_report(topology: str, *, model: str = "helios_14b", mesh_text: str 
         mesh, _ = choose_mesh(devices, heads=int(config.num_attention_heads), batch=1, compile_chunk=chunk_on,
                               resident_bytes=vae_bytes, limit=hbm * GIB if hbm else None, progress=progress)
     else:
-        mesh = aot.build_mesh(devices, sizes or {"fsdp": -1})
+        mesh = build_mesh(devices, sizes or {"fsdp": -1})
     progress(f"compiling generate's programs for {topology} on mesh {parallel.describe_sizes(dict(mesh.shape))}")
     if tuple(mesh.shape.items()) not in chunks:
         chunk_on(mesh)

@@ -1,117 +1,23 @@
-"""Ahead-of-time compilation for a TPU topology on a machine without TPUs.
-
-libtpu describes any slice (`v5p:4x4x4`) as abstract devices; a mesh over them, parameters and
-inputs as `ShapeDtypeStruct`s with shardings from helios_jax.parallel, and `jit(...).lower(...)
-.compile()` give the compiler's own memory plan and FLOP count per device, without allocating
-anything. That answers "does this step fit on that slice, with that mesh?" before renting it.
-
-Three steps are compiled, each at the pipeline's 384x640 shapes (latent 9x48x80 per chunk):
+"""The steps `helios-jax aot` compiles, as (jitted function, abstract arguments, model FLOPs):
 `forward` (one transformer call), `rollout` (the Distilled chunk program: 3 pyramid stages x 2 DMD
-steps, its real schedule tables) and `train` (flow-matching MSE loss and its gradient with
-full rematerialisation; no optimizer).
+steps, its real schedule tables), `train` (flow-matching loss + gradient of every parameter, full
+remat, no optimizer), `stage1` (the real Stage-1 LoRA optimizer step) and `stage3_generator` /
+`stage3_critic` (the two Stage-3b updates), each at the pipeline's 384x640 shapes (latent 9x48x80
+per chunk). Parameters and inputs are ShapeDtypeStructs sharded on the mesh: nothing is allocated.
 """
 from __future__ import annotations
 
-import math
-import os
-import time
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from helios_jax.aot_command import MODELS, TASKS
-from helios_jax.parallel import (abstract_sharded, describe_sizes, mesh_over_all, parse_mesh_sizes, sharding_for,
-                                 use_mesh)
+from helios_jax.aot import MODELS
+from helios_jax.parallel import abstract_sharded, mesh_over_all, parse_mesh_sizes, sharding_for
 from helios_jax.sampling.abstract_chunk import batch_sharded as _batch_sharded
 from helios_jax.sampling.abstract_chunk import replicated as _replicated
+from helios_jax.tpu_topology import TopologyError as AotError
 
-LATENT_SIZE = (9, 48, 80)  # one chunk at 384x640: 33 frames -> 9 latent frames, 8x spatial VAE
-TEXT_TOKENS = 512
-GIB = 1024**3
-
-# HBM per chip (GiB), by the topology name's generation prefix.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-
-
-class AotError(ValueError):
-    """Bad --topology / --mesh / --task: the message names the flag."""
-
-
-@dataclass
-class Report:
-    topology: str
-    task: str
-    model: str
-    mesh: dict
-    devices: int
-    device_kind: str
-    parameters: int
-    parameter_bytes_per_device: float
-    argument_bytes: float
-    output_bytes: float
-    alias_bytes: float
-    temp_bytes: float
-    code_bytes: float
-    flops_per_device: float
-    model_flops: float
-    compile_seconds: float
-    hbm_gib: float | None
-    attention: str = "xla"
-
-    @property
-    def peak_bytes(self) -> float:
-        # What the compiled program holds at once on one device: its buffers (outputs that alias
-        # donated arguments counted once), the temporaries' high-water mark and the code.
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-    @property
-    def fits(self) -> bool | None:
-        return None if self.hbm_gib is None else self.peak_bytes <= self.hbm_gib * GIB
-
-
-def quiet_libtpu_environment(topology: str) -> None:
-    """libtpu looks for TPU VM metadata when it loads and prints warnings when there is none;
-    a compile-only run has none to find, so say what it would have found (one local worker, the
-    topology's accelerator type; see helios_jax.backend_env). Must run before libtpu is loaded;
-    the compiled target is the --topology given, whatever these say. Values the user set are kept;
-    the CPU-host defaults `helios-jax` sets at start-up give way to the topology's type."""
-    from helios_jax.backend_env import quiet_libtpu
-
-    generation, _, shape = topology.partition(":")
-    try:
-        chips = math.prod(int(n) for n in shape.split("x"))
-    except ValueError:
-        chips = None  # topology_devices reports the bad name
-    # Accelerator type names count TensorCores: two per chip on v4/v5p, one on v5e/v6e.
-    names = {} if chips is None else {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}",
-                                      "v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}
-    quiet_libtpu(names.get(generation.lower()))
-
-
-def topology_devices(name: str) -> list:
-    """Abstract devices of a TPU slice such as `v5p:2x2x2` or `v5e:2x4` (needs libtpu)."""
-    from jax.experimental import topologies
-
-    if ":" not in name:
-        raise AotError(f"--topology must look like v5p:2x2x2 or v5e:2x4; got {name!r}")
-    try:
-        import libtpu  # noqa: F401 - only to say clearly what is missing
-    except ImportError:
-        raise AotError("--topology needs libtpu to describe TPU devices: pip install 'jax[tpu]'") from None
-    try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-    except Exception as error:  # libtpu raises XlaRuntimeError/ValueError with long texts
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AotError(f"--topology {name!r} is not a TPU topology libtpu knows: {first}") from None
-
-
-def hbm_gib(topology: str) -> float | None:
-    generation = topology.split(":")[0].lower()
-    return HBM_GIB.get(generation)
 
 
 def parse_mesh(text: str | None) -> dict:
@@ -131,8 +37,10 @@ def build_mesh(devices: list, sizes: dict) -> Mesh:
         raise AotError(str(error)) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Abstract parameters and inputs
+LATENT_SIZE = (9, 48, 80)  # one chunk at 384x640: 33 frames -> 9 latent frames, 8x spatial VAE
+
+
+TEXT_TOKENS = 512
 
 
 ATTENTION = ("xla", "pallas_tpu", "splash_tpu")
@@ -168,10 +76,6 @@ def abstract_forward_inputs(config, mesh: Mesh, batch: int) -> dict:
     shapes = jax.eval_shape(lambda: example_inputs(config, LATENT_SIZE, batch=batch, text_len=TEXT_TOKENS))
     return {name: (_replicated if name.startswith("indices") else _batch_sharded)(s.shape, s.dtype, mesh)
             for name, s in shapes.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The three steps
 
 
 def forward_step(graphdef, state, config, mesh: Mesh, batch: int):
@@ -396,84 +300,7 @@ def _abstract_variable(var, mesh: Mesh):
 
 STEPS = {"forward": forward_step, "rollout": rollout_step, "train": train_step, "stage1": stage1_step,
          "stage3_generator": stage3_step("generator"), "stage3_critic": stage3_step("critic")}
+
+
 TRAINING_TASKS = ("train", "stage1", "stage3_generator", "stage3_critic")
 
-
-def compile_report(topology: str, *, model: str = "helios_14b", task: str = "forward", mesh_text: str | None = None,
-                   batch: int | None = None, attention: str = "xla", progress=lambda message: None) -> Report:
-    if task not in TASKS:
-        raise AotError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
-    sizes = parse_mesh(mesh_text)  # a typo in --mesh is reported before libtpu is loaded
-    devices = topology_devices(topology)
-    mesh = build_mesh(devices, sizes)
-    config = model_config(model, task, attention)
-    if batch is None:
-        # Training fills every data-parallel rank with one sample; sampling makes one video.
-        batch = mesh.shape["data"] * mesh.shape["fsdp"] if task in TRAINING_TASKS else 1
-    if batch < 1:
-        raise AotError(f"--batch must be positive; got {batch}")
-    graphdef, state = abstract_state(config, mesh)
-    parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-    per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
-    function, args, model_flops = STEPS[task](graphdef, state, config, mesh, batch)
-    progress(f"compiling {task} of {model} for {topology} ({len(devices)} x {devices[0].device_kind}), "
-             f"mesh {describe_mesh(dict(mesh.shape))}, batch {batch}, attention {attention}")
-    start = time.perf_counter()
-    try:
-        # Under the mesh: the model's activation constraints apply, and a Pallas TPU kernel (which the
-        # compiler cannot partition) shards itself with a shard_map over the mesh's axes.
-        with use_mesh(mesh):
-            compiled = function.lower(*args).compile()
-    except jax.errors.JaxRuntimeError as error:
-        # The TPU compiler refuses a program whose buffers exceed HBM: that is an answer, say it in one line.
-        message = str(error).strip().splitlines()[0]
-        if "RESOURCE_EXHAUSTED" not in message:
-            raise
-        raise AotError(f"--topology {topology}: {task} of {model} (mesh {describe_mesh(dict(mesh.shape))}, batch {batch}) "
-                       f"does NOT fit: {message}") from None
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
-    return Report(
-        topology=topology, task=task, model=model, mesh=dict(mesh.shape), devices=len(devices),
-        device_kind=devices[0].device_kind, parameters=parameters, parameter_bytes_per_device=per_device,
-        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes, flops_per_device=float(cost.get("flops", float("nan"))),
-        model_flops=model_flops,
-        compile_seconds=seconds, hbm_gib=hbm_gib(topology), attention=attention,
-    )
-
-
-def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
-    shard = x.sharding.shard_shape(x.shape)
-    return math.prod(shard) * np.dtype(x.dtype).itemsize
-
-
-describe_mesh = describe_sizes
-
-
-def format_report(report: Report) -> list[str]:
-    gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
-    fits = {None: "unknown HBM size for this generation", True: "fits", False: "does NOT fit"}[report.fits]
-    hbm = f"{report.hbm_gib:g} GiB HBM per chip" if report.hbm_gib else "HBM unknown"
-    return [
-        f"topology:     {report.topology} ({report.devices} x {report.device_kind})",
-        f"mesh:         {describe_mesh(report.mesh)}",
-        f"task:         {report.task} of {report.model} at 384x640 (latent {'x'.join(map(str, LATENT_SIZE))}), "
-        f"attention {report.attention}",
-        f"parameters:   {report.parameters:,} ({report.parameter_bytes_per_device / GIB:.3f} GiB per device)",
-        "memory per device:",
-        f"  arguments   {gib(report.argument_bytes)}",
-        f"  outputs     {gib(report.output_bytes)}",
-        f"  aliased     {gib(report.alias_bytes)}",
-        f"  temporaries {gib(report.temp_bytes)}",
-        f"  code        {gib(report.code_bytes)}",
-        f"  peak        {gib(report.peak_bytes)}  ({fits}: {hbm})",
-        # XLA's cost analysis counts the body of a loop once: the 40 scanned blocks count as one.
-        f"FLOPs:        {report.flops_per_device:.4g} per device by XLA's cost analysis (a loop body counted once)",
-        f"model FLOPs:  {report.model_flops:.4g} per step, {report.model_flops / report.devices:.4g} per device "
-        f"(matmuls, helios_jax.models.flops)",
-        f"compile time: {report.compile_seconds:.1f} s",
-    ]

@@ -1,24 +1,11 @@
-"""The `convert` and `export` commands, shared by `helios-jax` and `python -m checkpoints_convert`."""
+"""`helios-jax convert` (also `python -m checkpoints_convert`): diffusers/transformers safetensors -> a
+converted folder, streamed."""
 from __future__ import annotations
-
-import argparse
 
 from checkpoints_convert.convert import DTYPE_CHOICES
 
 
-def _size(text: str) -> int:
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
-    upper = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit):
-            try:
-                return int(float(upper[: -len(unit)]) * units[unit])
-            except ValueError:
-                break
-    raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}")
-
-
-def add_commands(commands) -> None:
+def add_command(commands) -> None:
     convert = commands.add_parser(
         "convert", help="diffusers/transformers safetensors -> converted (tensorstore) folder, streamed",
         description="Convert a diffusers model folder (model_index.json) or one component folder "
@@ -36,21 +23,10 @@ def add_commands(commands) -> None:
                          help="compare a sample of tensors between SRC and DST afterwards (only that, if DST "
                          "exists and --overwrite is not given)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
-    convert.set_defaults(run=run_convert)
-
-    export = commands.add_parser(
-        "export", help="converted folder -> diffusers-format safetensors",
-        description="Write a converted folder back as diffusers/transformers safetensors (sharded with an "
-        "index json) that from_pretrained loads.")
-    export.add_argument("src", help="folder written by convert")
-    export.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-    export.add_argument("--max-shard-size", type=_size, default="5GB", help="largest shard (default 5GB)")
-    export.add_argument("--overwrite", action="store_true")
-    export.add_argument("--quiet", action="store_true", help="no progress bar")
-    export.set_defaults(run=run_export)
+    convert.set_defaults(run=run)
 
 
-def run_convert(args, overrides=()) -> None:
+def run(args, overrides=()) -> None:
     from pathlib import Path
 
     from checkpoints_convert.convert import convert, verify
@@ -62,11 +38,3 @@ def run_convert(args, overrides=()) -> None:
     dst = convert(args.src, args.dst, components=args.component, dtype=args.dtype, overwrite=args.overwrite,
                   verify=args.verify, progress=not args.quiet)
     print(f"converted {args.src} -> {dst}" + (" (verified)" if args.verify else ""))
-
-
-def run_export(args, overrides=()) -> None:
-    from checkpoints_convert.export import export
-
-    dst = export(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                 progress=not args.quiet)
-    print(f"exported {args.src} -> {dst}")

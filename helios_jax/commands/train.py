@@ -10,6 +10,7 @@ fixed set of random batches in the same format (tests, and trying the loop witho
 from __future__ import annotations
 
 from helios_jax import distributed
+from helios_jax.training.stage_names import DISTILL_STAGES, STAGE_LOSSES
 
 
 def add_command(commands) -> None:
@@ -21,10 +22,6 @@ def add_command(commands) -> None:
     train.add_argument("--config", required=True, help="training config file PATH[:ARG]")
     train.add_argument("--workdir", required=True, help="folder for checkpoints/, metrics.jsonl and config.json")
     train.set_defaults(run=run_train)
-
-
-STAGE_LOSSES = ("stage1", "stage2", "stage3_ode")  # one loss, trainer.train
-DISTILL_STAGES = ("stage3_dmd",)  # generator + critic, dmd_trainer.train_dmd
 
 
 def run_train(args, overrides) -> None:
@@ -107,7 +104,7 @@ def _negative_prompt_embeds(config, model_config):
     if config.data_dir == "synthetic":
         return np.random.default_rng(int(config.data.seed) + 7).standard_normal((8, model_config.text_dim))
     from helios_jax.data.storage import read_extra
-    from helios_jax.prepare_data_command import NEGATIVE_PROMPT_EMBED
+    from helios_jax.data.storage import NEGATIVE_PROMPT_EMBED
 
     return read_extra(config.data_dir, NEGATIVE_PROMPT_EMBED)
 
