@@ -9,10 +9,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from helios_jax.kernels import dot_product_attention
+from tests.attention_checks import qkv, relative_error, value_and_grads, xla_attention
 from helios_jax.kernels.flash_tpu import flash_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,38 +20,22 @@ REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
-def _qkv(q_len, kv_len, *, batch=1, heads=2, head_dim=128, dtype="float32", seed=0):
-    rng = np.random.default_rng(seed)
-    make = lambda length: jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)
-    return make(q_len), make(kv_len), make(kv_len)
 
 
-def _relative_error(ours, reference) -> float:
-    ours, reference = (jnp.asarray(x, jnp.float32) for x in (ours, reference))
-    return float(jnp.abs(ours - reference).max() / jnp.abs(reference).max())
 
 
-def _value_and_grads(attention):
-    """One jitted program: the output and dq, dk, dv of sum(sin(out)) (each output element gets
-    its own cotangent, cos(out)). One compile per case keeps the interpreter's cost down."""
-    def run(q, k, v):
-        out, pullback = jax.vjp(attention, q, k, v)
-        return out, pullback(jnp.cos(out.astype(jnp.float32)).astype(out.dtype))
-    return jax.jit(run)
 
 
-def _xla(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def _assert_matches_xla(attention, q, k, v, tolerance):
-    out, grads = _value_and_grads(attention)(q, k, v)
-    reference_out, reference_grads = _value_and_grads(_xla)(q, k, v)
+    out, grads = value_and_grads(attention)(q, k, v)
+    reference_out, reference_grads = value_and_grads(xla_attention)(q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert _relative_error(out, reference_out) <= tolerance
+    assert relative_error(out, reference_out) <= tolerance
     for name, ours, theirs in zip("qkv", grads, reference_grads):
         assert ours.dtype == q.dtype and bool(jnp.isfinite(ours.astype(jnp.float32)).all()), name
-        assert _relative_error(ours, theirs) <= tolerance, (name, _relative_error(ours, theirs))
+        assert relative_error(ours, theirs) <= tolerance, (name, relative_error(ours, theirs))
 
 
 @pytest.mark.parametrize("q_len,kv_len,dtype", [
@@ -61,13 +45,13 @@ def _assert_matches_xla(attention, q, k, v, tolerance):
     (130, 200, "bfloat16"),  # cross the other way round
 ], ids=["self_200_fp32", "cross_130x77_fp32", "self_200_bf16", "cross_130x200_bf16"])
 def test_values_and_gradients_match_xla(q_len, kv_len, dtype):
-    q, k, v = _qkv(q_len, kv_len, dtype=dtype)
+    q, k, v = qkv(q_len, kv_len, dtype=dtype)
     flash = lambda q, k, v: flash_attention(q, k, v, block_q=128, block_k=128, interpret=True)
     _assert_matches_xla(flash, q, k, v, TOLERANCE[dtype])
 
 
 def test_dispatch_runs_the_kernel_with_default_blocks():
-    q, k, v = _qkv(77, 77, batch=2, head_dim=64, seed=1)
+    q, k, v = qkv(77, 77, batch=2, head_dim=64, seed=1)
     attention = lambda q, k, v: dot_product_attention(q, k, v, impl="pallas_tpu", interpret=True)
     assert "pallas_call" in str(jax.make_jaxpr(attention)(q, k, v))  # the kernel, not a fallback to XLA
     _assert_matches_xla(attention, q, k, v, 1e-5)
@@ -78,13 +62,13 @@ def test_dispatch_runs_the_kernel_with_default_blocks():
     (dict(block_k=0), "block_k"),
 ])
 def test_bad_block_size_is_one_clear_error(kwargs, match):
-    q, k, v = _qkv(20, 20, head_dim=8)
+    q, k, v = qkv(20, 20, head_dim=8)
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, interpret=True, **kwargs)
 
 
 def test_mismatched_inputs_are_one_clear_error():
-    q, k, v = _qkv(20, 30, head_dim=8)
+    q, k, v = qkv(20, 30, head_dim=8)
     with pytest.raises(ValueError, match="k and v"):
         flash_attention(q, k, v[:, :10], interpret=True)
     with pytest.raises(ValueError, match="q .* and k"):

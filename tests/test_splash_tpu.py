@@ -10,10 +10,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from helios_jax.kernels import dot_product_attention
+from tests.attention_checks import qkv, relative_error, value_and_grads, xla_attention
 from helios_jax.kernels.splash_tpu import splash_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,28 +23,12 @@ FP32_TOLERANCE = 1e-5
 BF16_FACTOR, BF16_SLACK = 1.5, 1e-3
 
 
-def _qkv(q_len, kv_len, *, batch=1, heads=2, head_dim=128, dtype="float32", seed=0):
-    rng = np.random.default_rng(seed)
-    make = lambda length: jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)  # noqa: E731
-    return make(q_len), make(kv_len), make(kv_len)
 
 
-def _relative_error(ours, reference) -> float:
-    ours, reference = (jnp.asarray(x, jnp.float32) for x in (ours, reference))
-    return float(jnp.abs(ours - reference).max() / jnp.abs(reference).max())
 
 
-def _value_and_grads(attention):
-    """One jitted program: the output and dq, dk, dv of sum(sin(out)) (each output element gets
-    its own cotangent, cos(out)). One compile per case keeps the interpreter's cost down."""
-    def run(q, k, v):
-        out, pullback = jax.vjp(attention, q, k, v)
-        return out, pullback(jnp.cos(out.astype(jnp.float32)).astype(out.dtype))
-    return jax.jit(run)
 
 
-def _xla(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def _splash(q, k, v):
@@ -53,32 +37,32 @@ def _splash(q, k, v):
 
 def _errors(attention, q, k, v, reference_inputs):
     """Relative errors of out, dq, dk, dv against XLA attention on `reference_inputs`."""
-    out, grads = _value_and_grads(attention)(q, k, v)
-    reference_out, reference_grads = _value_and_grads(_xla)(*reference_inputs)
+    out, grads = value_and_grads(attention)(q, k, v)
+    reference_out, reference_grads = value_and_grads(xla_attention)(*reference_inputs)
     assert out.dtype == q.dtype and out.shape == q.shape
     for grad in grads:
         assert grad.dtype == q.dtype and bool(jnp.isfinite(grad.astype(jnp.float32)).all())
-    return [_relative_error(ours, theirs) for ours, theirs in zip((out, *grads), (reference_out, *reference_grads))]
+    return [relative_error(ours, theirs) for ours, theirs in zip((out, *grads), (reference_out, *reference_grads))]
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(200, 200), (130, 77)], ids=["self_200", "cross_130x77"])
 def test_fp32_values_and_gradients_match_xla(q_len, kv_len):
-    q, k, v = _qkv(q_len, kv_len)
+    q, k, v = qkv(q_len, kv_len)
     errors = _errors(_splash, q, k, v, (q, k, v))
     assert max(errors) <= FP32_TOLERANCE, dict(zip(("out", "dq", "dk", "dv"), errors))
 
 
 def test_bf16_is_no_worse_than_xla_bf16():
-    q, k, v = _qkv(130, 200, dtype="bfloat16")
+    q, k, v = qkv(130, 200, dtype="bfloat16")
     exact = tuple(t.astype(jnp.float32) for t in (q, k, v))
     ours = _errors(_splash, q, k, v, exact)
-    xla = _errors(_xla, q, k, v, exact)
+    xla = _errors(xla_attention, q, k, v, exact)
     for name, mine, theirs in zip(("out", "dq", "dk", "dv"), ours, xla):
         assert mine <= BF16_FACTOR * theirs + BF16_SLACK, (name, mine, theirs)
 
 
 def test_dispatch_runs_splash_with_default_blocks():
-    q, k, v = _qkv(77, 77, batch=2, seed=1)
+    q, k, v = qkv(77, 77, batch=2, seed=1)
     attention = lambda q, k, v: dot_product_attention(q, k, v, impl="splash_tpu", interpret=True)  # noqa: E731
     assert "pallas_call" in str(jax.make_jaxpr(attention)(q, k, v))  # the kernel, not a fallback to XLA
     assert max(_errors(attention, q, k, v, (q, k, v))) <= FP32_TOLERANCE
@@ -86,13 +70,13 @@ def test_dispatch_runs_splash_with_default_blocks():
 
 @pytest.mark.parametrize("kwargs,match", [(dict(block_q=100), "block_q"), (dict(block_k=0), "block_k")])
 def test_bad_block_size_is_one_clear_error(kwargs, match):
-    q, k, v = _qkv(20, 20)
+    q, k, v = qkv(20, 20)
     with pytest.raises(ValueError, match=match):
         splash_attention(q, k, v, interpret=True, **kwargs)
 
 
 def test_mismatched_inputs_are_one_clear_error():
-    q, k, v = _qkv(20, 30)
+    q, k, v = qkv(20, 30)
     with pytest.raises(ValueError, match="splash_attention: k and v"):
         splash_attention(q, k, v[:, :10], interpret=True)
 

@@ -20,17 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from helios_jax.kernels.attention_inputs import check_qkv
-from helios_jax.kernels.kernel_mesh import automatic_axes, axis_if_divides, batch_axes
+from helios_jax.kernels.kernel_mesh import attention_specs
 
 DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
 LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
 MASKED_LOGIT = -1e30  # finite: exp(MASKED_LOGIT - max) is 0, never NaN from inf - inf
 # Mesh axes (helios_jax.parallel.AXES) the kernels are split over when called under a mesh.
-HEADS_AXIS = "tensor"
-QUERY_AXIS = "seq"
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
 
 
@@ -53,7 +50,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
             raise ValueError(f"flash_attention: {name} must be a positive multiple of {LANES}; got {block}")
     attention = functools.partial(_local_attention, block_q=block_q, block_k=block_k, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
-    specs = _mesh_specs(mesh, q.shape)
+    specs = attention_specs(mesh, q.shape)
     if specs is None:
         return attention(q, k, v)
     q_spec, kv_spec = specs
@@ -62,17 +59,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
                          check_vma=False)(q, k, v)
 
 
-def _mesh_specs(mesh, q_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
-    """q and k/v PartitionSpecs over the mesh's automatic axes; None when there is nothing to split."""
-    auto = automatic_axes(mesh)
-    if not auto:
-        return None
-    batch, q_len, heads, _ = q_shape
-    batch_spec = batch_axes(auto, batch)
-    heads_axis = axis_if_divides(auto, HEADS_AXIS, heads)
-    query_axis = axis_if_divides(auto, QUERY_AXIS, q_len)
-    return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
-            PartitionSpec(batch_spec, None, heads_axis, None))
 
 
 def _local_attention(q, k, v, *, block_q, block_k, interpret):

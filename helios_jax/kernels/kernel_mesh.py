@@ -28,3 +28,25 @@ def batch_axes(auto: dict[str, int], batch: int) -> tuple[str, ...] | None:
 
 def axis_if_divides(auto: dict[str, int], name: str, size: int) -> str | None:
     return name if name in auto and size % auto[name] == 0 else None
+
+
+HEADS_AXIS = "tensor"  # attention heads split over tensor parallelism
+QUERY_AXIS = "seq"  # queries split over sequence parallelism (k/v stay whole)
+
+
+def attention_specs(mesh, q_shape):
+    """(q, k/v) PartitionSpecs of an attention kernel's shard_map over the mesh's automatic axes:
+    batch over the batch axes, heads over `tensor`, queries over `seq` where they divide; None when
+    there is nothing to split."""
+    from jax.sharding import PartitionSpec
+
+    auto = automatic_axes(mesh)
+    if not auto:
+        return None
+    batch, q_len, heads, _ = q_shape
+    batch_spec = batch_axes(auto, batch)
+    heads_axis = axis_if_divides(auto, HEADS_AXIS, heads)
+    query_axis = axis_if_divides(auto, QUERY_AXIS, q_len)
+    return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
+            PartitionSpec(batch_spec, None, heads_axis, None))
+

@@ -30,8 +30,8 @@ from jax.sharding import PartitionSpec
 
 from helios_jax.kernels import flash_tpu
 from helios_jax.kernels.attention_inputs import check_qkv
-from helios_jax.kernels.flash_tpu import HEADS_AXIS, LANES, QUERY_AXIS
-from helios_jax.kernels.kernel_mesh import automatic_axes, axis_if_divides, batch_axes
+from helios_jax.kernels.flash_tpu import LANES
+from helios_jax.kernels.kernel_mesh import attention_specs
 
 # 512-token tiles (MaxText's splash default on v5p) for every kernel; clamped to the padded length.
 DEFAULT_BLOCK = 512
@@ -53,7 +53,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int |
             raise ValueError(f"splash_attention: {name} must be a positive multiple of {LANES}; got {block}")
     attention = functools.partial(_local_attention, block_q=block_q, block_k=block_k, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
-    specs = _mesh_specs(mesh, q.shape)
+    specs = attention_specs(mesh, q.shape)
     if specs is not None:
         q_spec, kv_spec = specs
         # check_vma off: k/v are replicated over seq while q is split, and splash's kernels declare
@@ -65,17 +65,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int |
     return attention(q, k, v)
 
 
-def _mesh_specs(mesh, q_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
-    """q and k/v PartitionSpecs over the mesh's automatic axes; None when there is nothing to split."""
-    auto = automatic_axes(mesh)
-    if not auto:
-        return None
-    batch, q_len, heads, _ = q_shape
-    batch_spec = batch_axes(auto, batch)
-    heads_axis = axis_if_divides(auto, HEADS_AXIS, heads)
-    query_axis = axis_if_divides(auto, QUERY_AXIS, q_len)
-    return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
-            PartitionSpec(batch_spec, None, heads_axis, None))
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
