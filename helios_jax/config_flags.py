@@ -1,7 +1,9 @@
 """`--config PATH[:ARG]` and `--config.FIELD=VALUE`: Python config files, big_vision style.
 
 A config file defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`. A name
-without a path (`tiny`, `helios_14b`) means `configs/models/NAME.py` of this repository.
+without a path is a training preset of the package (`stage1`, `stage2`, `stage3_ode`, `stage3_dmd`,
+helios_jax/training/presets.py; no configs/ folder needed) or else `configs/models/NAME.py` of this
+repository (`tiny`, `helios_14b`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not path.endswith(".py") and not file.exists():
+        from helios_jax.training import presets
+
+        if path in presets.PRESETS:
+            try:
+                return presets.get_config(path, arg or None)
+            except ValueError as error:
+                raise ConfigError(f"--config: {spec} rejected its argument: {error}") from None
         file = REPO_CONFIGS / "models" / f"{path}.py"
     if not file.is_file():
         raise ConfigError(f"--config: no config file {file}")

@@ -9,7 +9,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
-CONFIG=${CONFIG:-configs/train/stage_1_init.py}
+CONFIG=${CONFIG:-configs/train/stage1.py}
 WORKDIR=${WORKDIR:-$REPO/runs/$(basename "${CONFIG%.py}")}
 
 case "${1:-}" in

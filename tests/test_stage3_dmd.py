@@ -214,9 +214,10 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(cache_dir, tmp_pat
 def test_stage3_configs_carry_the_spec_numbers():
     from helios_jax.config_flags import load_config
 
-    for name, seed, ema_start, gan in (("stage_3_ode", 47, 250, None), ("stage_3_post", 49, 750, False),
-                                        ("stage_3_post_gan", 49, 750, True)):
-        config = load_config(f"configs/train/{name}.py")
+    # stage_3_ode, stage_3_post, stage_3_post_gan
+    for name, seed, ema_start, gan in (("stage3_ode", 47, 250, None), ("stage3_dmd", 49, 750, False),
+                                        ("stage3_dmd:gan", 49, 750, True)):
+        config = load_config(name)
         o = config.optimizer
         assert (o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule) == (2e-6, 0.0, 0.999, 1e-8, 1e-3, "constant")
         assert (config.seed, config.ema.decay, config.ema.start_step, config.checkpoint_every) == (seed, 0.99, ema_start, 250)

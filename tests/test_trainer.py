@@ -27,7 +27,7 @@ from helios_jax.parallel import make_mesh
 from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = "configs/train/stage1.py:tiny"  # the api.md name (= stage_1_init.py:tiny)
+CONFIG = "configs/train/stage1.py:tiny"  # the api.md name (stage_1_init, tiny)
 REFERENCE_STEPS = 80
 
 
@@ -178,20 +178,20 @@ def test_stage_configs_carry_the_spec_numbers():
     from helios_jax.config_flags import load_config
 
     expected = {  # spec §7.1 / §3.5 / §5.2: lr, schedule, warmup, seed, LoRA rank, patch_embedding, ratios
-        "stage_1_init": (5e-5, "constant", 0, 43, 128, "lora", ()),
-        "stage_1_post": (3e-5, "constant", 0, 44, 128, "lora", ()),
-        "stage_2_init": (1e-4, "constant_with_warmup", 1000, 45, 256, "frozen", (1, 2, 1)),
-        "stage_2_post": (3e-5, "constant_with_warmup", 500, 46, 256, "lora", (1, 1, 1)),
+        "stage1": (5e-5, "constant", 0, 43, 128, "lora", ()),  # stage_1_init
+        "stage1:post": (3e-5, "constant", 0, 44, 128, "lora", ()),  # stage_1_post
+        "stage2": (1e-4, "constant_with_warmup", 1000, 45, 256, "frozen", (1, 2, 1)),  # stage_2_init
+        "stage2:post": (3e-5, "constant_with_warmup", 500, 46, 256, "lora", (1, 1, 1)),  # stage_2_post
     }
     for name, (lr, schedule, warmup, seed, rank, patch, ratios) in expected.items():
-        config = load_config(f"configs/train/{name}.py")
+        config = load_config(name)
         got = (config.optimizer.lr, config.optimizer.schedule, config.optimizer.warmup_steps, config.seed,
                config.lora.rank, config.lora.patch_embedding, tuple(config.pyramid.sample_ratios))
         assert got == (lr, schedule, warmup, seed, rank, patch, ratios), name
         assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.999, 1e-8)
         assert (config.optimizer.weight_decay, config.optimizer.clip_norm) == (1e-4, 1.0)
         assert config.checkpoint_every == 500 and config.lora.alpha == rank
-        tiny = load_config(f"configs/train/{name}.py:tiny")
+        tiny = load_config(f"{name}{',' if ':' in name else ':'}tiny")
         assert tiny.model.config == "tiny-random" and tiny.total_steps == 20 and tiny.seed == seed
         assert tiny.data_dir == "synthetic" and config.data_dir == ""
 
@@ -299,7 +299,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     from helios_jax.training.optimizer import make_optimizer
     from helios_jax.training.trainer import initial_state, make_train_step, merge_model, place_batch, split_model
 
-    config = load_config("configs/train/stage_1_init.py:tiny")
+    config = load_config("stage1:tiny")
     config.data.batch_size = 8
     optimizer = make_optimizer(config.optimizer)
     results = []

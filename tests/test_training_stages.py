@@ -29,7 +29,7 @@ def losses(workdir: Path) -> np.ndarray:
     return np.array([r["loss"] for r in records if "loss" in r])
 
 
-@pytest.mark.parametrize("config, steps", [("stage_1_init", 240), ("stage_2_init", 160)])
+@pytest.mark.parametrize("config, steps", [("stage1", 240), ("stage2", 160)])  # stage_1_init, stage_2_init
 def test_loss_falls_on_the_prepared_toy_videos(prepared, tmp_path, config, steps):
     workdir = tmp_path / config
     assert main(["train", "--config", f"configs/train/{config}.py:tiny", "--workdir", str(workdir),
@@ -51,7 +51,7 @@ def test_missing_or_corrupt_shards_are_one_line_and_touch_nothing(prepared, tmp_
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
     for data, named in ((tmp_path / "absent", "absent"), (corrupt, shard.name)):
         workdir = tmp_path / f"run-{Path(data).name}"
-        code = main(["train", "--config", "configs/train/stage_1_init.py:tiny", "--workdir", str(workdir),
+        code = main(["train", "--config", "configs/train/stage1.py:tiny", "--workdir", str(workdir),
                      f"--config.data_dir={data}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and named in err[0], err

@@ -152,7 +152,7 @@ def test_stage_1_init_trains_from_the_wan_folder(wan, tmp_path):
     env = dict(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PATH="/usr/bin:/bin",
                XLA_FLAGS=FAST_COMPILE)
     result = subprocess.run(
-        [sys.executable, "-m", "helios_jax", "train", "--config", "configs/train/stage_1_init.py:tiny",
+        [sys.executable, "-m", "helios_jax", "train", "--config", "configs/train/stage1.py:tiny",
          "--workdir", str(tmp_path / "run"), f"--config.model.init={folder}", f"--config.model.config={folder}",
          "--config.total_steps=2", "--config.checkpoint_every=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,8 @@
-"""Stage 1: `helios-jax train --config configs/train/stage1.py[:ARGS]`, ARGS comma-separated:
-`post` for stage_1_post.py (default stage_1_init.py), `tiny` for the tiny CPU model."""
-from helios_jax.training.config import stage_run
+"""Stage 1 (Base): `helios-jax train --config configs/train/stage1.py[:ARGS]` (= `--config
+stage1[:ARGS]`), ARGS comma-separated: `post` for stage_1_post (default stage_1_init), `tiny` for
+the tiny CPU model. The numbers live in helios_jax/training/presets.py."""
+from helios_jax.training import presets
 
 
 def get_config(arg=None):
-    return stage_run(1, arg)
+    return presets.get_config("stage1", arg)

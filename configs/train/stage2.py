@@ -1,7 +1,8 @@
-"""Stage 2: `helios-jax train --config configs/train/stage2.py[:ARGS]`, ARGS comma-separated:
-`post` for stage_2_post.py (default stage_2_init.py), `tiny` for the tiny CPU model."""
-from helios_jax.training.config import stage_run
+"""Stage 2 (Mid, pyramid): `helios-jax train --config configs/train/stage2.py[:ARGS]` (= `--config
+stage2[:ARGS]`), ARGS comma-separated: `post` for stage_2_post (default stage_2_init), `tiny` for
+the tiny CPU model. The numbers live in helios_jax/training/presets.py."""
+from helios_jax.training import presets
 
 
 def get_config(arg=None):
-    return stage_run(2, arg)
+    return presets.get_config("stage2", arg)

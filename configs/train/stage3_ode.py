@@ -1,6 +1,8 @@
-"""Stage 3a: `helios-jax train --config configs/train/stage3_ode.py[:tiny]` (= stage_3_ode.py)."""
-from helios_jax.training.distill_config import stage3_config
+"""Stage 3a (ODE regression, stage_3_ode): `helios-jax train --config
+configs/train/stage3_ode.py[:ARGS]` (= `--config stage3_ode[:ARGS]`), ARGS comma-separated: `tiny`
+for the tiny CPU model. The numbers live in helios_jax/training/presets.py."""
+from helios_jax.training import presets
 
 
 def get_config(arg=None):
-    return stage3_config("ode", arg)
+    return presets.get_config("stage3_ode", arg)

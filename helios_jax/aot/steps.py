@@ -154,7 +154,7 @@ def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
     rank 128 on every linear and the patch embedding, full fp32 history patchers, the flow-matching
     loss with history augmentation, clip + AdamW on the trainable parameters only (fp32 masters and
     moments, sharded like the parameters), the frozen base in bf16."""
-    from helios_jax.config_flags import REPO_CONFIGS, load_config
+    from helios_jax.config_flags import load_config
     from helios_jax.models.transformer import HeliosTransformer3DModel
     from helios_jax.training.flow_matching import stage1_loss
     from helios_jax.training.lora import add_lora, trainable_filter
@@ -162,7 +162,7 @@ def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
     from helios_jax.training.trainer import TrainState, make_train_step
 
     del graphdef, state  # the base model is rebuilt with its adapters
-    train_config = load_config(str(REPO_CONFIGS / "train" / "stage_1_init.py"))
+    train_config = load_config("stage1")
     lora = train_config.lora
 
     def model():  # built abstractly inside _abstract_split (nnx.eval_shape): nothing is allocated
@@ -199,7 +199,7 @@ def stage3_step(kind: str):
     LoRA r256 + the GAN heads in fp32 with their moments, all FSDP-sharded."""
 
     def build(graphdef, state, config, mesh: Mesh, batch: int):
-        from helios_jax.config_flags import REPO_CONFIGS, load_config
+        from helios_jax.config_flags import load_config
         from helios_jax.models.transformer import HeliosTransformer3DModel
         from helios_jax.training.dmd import Critic
         from helios_jax.training.dmd_trainer import DistillState, critic_filter, make_distill_steps
@@ -209,7 +209,7 @@ def stage3_step(kind: str):
         from helios_jax.training.optimizer import make_optimizer
 
         del graphdef, state  # both backbones are rebuilt with their adapters
-        train_config = load_config(str(REPO_CONFIGS / "train" / "stage_3_post_gan.py"))
+        train_config = load_config("stage3_dmd:gan")
         if max(train_config.gan.hooks) >= config.num_layers:  # the tiny model: hook its first and last block
             train_config.gan.update(hooks=(0, config.num_layers - 1), cond_map_dim=64)
         lora, critic_lora, gan = train_config.lora, train_config.critic, train_config.gan

@@ -1,5 +1,5 @@
-"""The training config (spec §7.1) shared by configs/train/stage_*.py: one builder, the per-stage
-numbers passed in, and the `:tiny` variant for tests and the CPU demo."""
+"""The training config (spec §7.1) shared by the run presets (training/presets.py): one builder,
+the per-stage numbers passed in, and the tiny variant for tests and the CPU demo."""
 from __future__ import annotations
 
 import ml_collections
@@ -20,7 +20,7 @@ RESUME_GUARDED = (
 
 def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, seed: int,
                     lora_rank: int, patch_embedding: str, history_patches: str,
-                    sample_ratios: tuple = (), batch_size: int, arg=None) -> ml_collections.ConfigDict:
+                    sample_ratios: tuple = (), batch_size: int, tiny: bool = False) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # The four fields every training config has (spec api.md): where the data is, how long to train,
     # how often to save, and the run's seed.
@@ -40,10 +40,8 @@ def training_config(*, stage: str, lr: float, schedule: str, warmup_steps: int, 
                             weight_decay=1e-4, clip_norm=1.0)
     config.train = dict(stage=stage, log_every=10, keep_checkpoints=3, grad_accum=1)
     config.mesh = dict(data=1, fsdp=-1, tensor=1, seq=1)
-    if arg == "tiny":
+    if tiny:
         shrink_to_tiny(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'tiny'")
     return config
 
 
@@ -81,16 +79,3 @@ def guarded_differences(saved: dict, current: dict) -> list[str]:
     names = sorted(n for n in set(saved) | set(current) if guarded(n))
     return [f"{n} ({saved.get(n, '<absent>')!r} -> {current.get(n, '<absent>')!r})"
             for n in names if saved.get(n) != current.get(n)]
-
-
-def stage_run(stage: int, arg=None) -> ml_collections.ConfigDict:
-    """configs/train/stage{N}.py (the api.md names): ARG is comma-separated `post` (the low-LR
-    refinement run, stage_{N}_post.py; default the stage_{N}_init.py run) and/or `tiny`."""
-    from helios_jax.config_flags import REPO_CONFIGS, load_config
-
-    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = args - {"post", "tiny"}
-    if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; use post and/or tiny")
-    phase = "post" if "post" in args else "init"
-    return load_config(f"{REPO_CONFIGS / 'train' / f'stage_{stage}_{phase}.py'}{':tiny' if 'tiny' in args else ''}")

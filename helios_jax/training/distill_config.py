@@ -1,5 +1,6 @@
 """The Stage-3 training configs (spec training.md §6, §7.1): `stage_3_ode` (3a, ODE regression),
-`stage_3_post` (3b, DMD with ground-truth history) and `stage_3_post_gan` (3b + GAN heads).
+`stage_3_post` (3b, DMD with ground-truth history) and `stage_3_post_gan` (3b + GAN heads); the
+presets stage3_ode and stage3_dmd[:gan] (training/presets.py) build them.
 
 They extend the Stage 1/2 config (training/config.py) with:
   ema       the generator's EMA (decay, the step it starts averaging at)
@@ -20,7 +21,7 @@ GENERATOR_TIMESTEPS = dict(kind="beta", a0=4.0, b0=1.5, anneal_steps=500)
 CRITIC_TIMESTEPS = dict(kind="uniform", a0=4.0, b0=1.5, anneal_steps=500)
 
 
-def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
+def stage3_config(kind: str, *, tiny: bool = False) -> ml_collections.ConfigDict:
     if kind not in STAGE3_KINDS:
         raise ValueError(f"Stage-3 config kind must be one of {', '.join(STAGE3_KINDS)}; got {kind!r}")
     ode = kind == "ode"
@@ -55,7 +56,7 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
                           # "A": the released pairing (target of sample A, history of B, spec §11.4);
                           # "B": the chunk that follows the history the discriminator sees
                           real_sample="A")
-    if arg == "tiny":
+    if tiny:
         shrink_to_tiny(config)
         config.ema.start_step = 2
         if ode:
@@ -65,6 +66,4 @@ def stage3_config(kind: str, arg=None) -> ml_collections.ConfigDict:
             config.critic_optimizer.update(lr=1e-3)
             # 64 channels = 2 per GroupNorm group: with one, the tiny maps (1x1x1 after the strides) normalise to 0.
             config.gan.update(start_step=0, hooks=(0, 1), cond_map_dim=64)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'tiny'")
     return config
