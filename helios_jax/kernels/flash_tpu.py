@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from helios_jax.kernels.attention_inputs import check_qkv
-from helios_jax.kernels.kernel_mesh import attention_specs
+from helios_jax.kernels.kernel_mesh import check_block_sizes, on_mesh_axes
 
 DEFAULT_BLOCK = 512  # 512 x 512 fp32 logits are 1 MiB: several such tiles fit VMEM on v4/v5e/v5p/v6e
 LANES = 128  # TPU vector lane width: blocks are multiples of it (also of 8/16 sublanes for fp32/bf16)
@@ -45,18 +45,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
     shard_map (Ulysses) they run on the local shard as given.
     """
     _check_inputs(q, k, v)
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if block is not None and (block <= 0 or block % LANES):
-            raise ValueError(f"flash_attention: {name} must be a positive multiple of {LANES}; got {block}")
+    check_block_sizes("flash_attention", LANES, block_q=block_q, block_k=block_k)
     attention = functools.partial(_local_attention, block_q=block_q, block_k=block_k, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    specs = attention_specs(mesh, q.shape)
-    if specs is None:
-        return attention(q, k, v)
-    q_spec, kv_spec = specs
-    # check_vma off: k/v are replicated over seq while q is split, which the kernels do not mind.
-    return jax.shard_map(attention, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v)
+    out = on_mesh_axes(attention, q, k, v)
+    return attention(q, k, v) if out is None else out
 
 
 

@@ -50,3 +50,26 @@ def attention_specs(mesh, q_shape):
     return (PartitionSpec(batch_spec, query_axis, heads_axis, None),
             PartitionSpec(batch_spec, None, heads_axis, None))
 
+
+def check_block_sizes(who: str, lanes: int, **blocks) -> None:
+    """Tile sizes given to a kernel must be positive multiples of the vector lanes (None: default)."""
+    for name, block in blocks.items():
+        if block is not None and (block <= 0 or block % lanes):
+            raise ValueError(f"{who}: {name} must be a positive multiple of {lanes}; got {block}")
+
+
+def on_mesh_axes(attention, q, k, v):
+    """`attention(q, k, v)` per device in a shard_map over the active mesh's automatic axes
+    (`attention_specs`), or as it is where there is nothing to split; None for the caller to decide
+    when there is no such axis. check_vma off: k/v are replicated over seq while q is split, which
+    the kernels do not mind, and Pallas calls declare no varying axes."""
+    import jax
+
+    mesh = jax.sharding.get_abstract_mesh()
+    specs = attention_specs(mesh, q.shape)
+    if specs is None:
+        return None
+    q_spec, kv_spec = specs
+    return jax.shard_map(attention, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+

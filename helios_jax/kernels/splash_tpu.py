@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec
 from helios_jax.kernels import flash_tpu
 from helios_jax.kernels.attention_inputs import check_qkv
 from helios_jax.kernels.flash_tpu import LANES
-from helios_jax.kernels.kernel_mesh import attention_specs
+from helios_jax.kernels.kernel_mesh import check_block_sizes, on_mesh_axes
 
 # 512-token tiles (MaxText's splash default on v5p) for every kernel; clamped to the padded length.
 DEFAULT_BLOCK = 512
@@ -48,20 +48,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int |
     interpret: run the kernels in Pallas' TPU interpreter (CPU).
     """
     check_qkv(q, k, v, who="splash_attention")
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if block is not None and (block <= 0 or block % LANES):
-            raise ValueError(f"splash_attention: {name} must be a positive multiple of {LANES}; got {block}")
+    check_block_sizes("splash_attention", LANES, block_q=block_q, block_k=block_k)
     attention = functools.partial(_local_attention, block_q=block_q, block_k=block_k, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    specs = attention_specs(mesh, q.shape)
-    if specs is not None:
-        q_spec, kv_spec = specs
-        # check_vma off: k/v are replicated over seq while q is split, and splash's kernels declare
-        # their outputs without varying axes.
-        return jax.shard_map(attention, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             check_vma=False)(q, k, v)
+    out = on_mesh_axes(attention, q, k, v)
+    if out is not None:
+        return out
     if _varying_axes(q, k, v):
-        return _without_vma_check(attention, mesh, interpret)(q, k, v)
+        return _without_vma_check(attention, jax.sharding.get_abstract_mesh(), interpret)(q, k, v)
     return attention(q, k, v)
 
 
