@@ -196,7 +196,13 @@ def abstract_sharded(build_fn, mesh: Mesh):
     """(graphdef, state) of `build_fn()` with every parameter a ShapeDtypeStruct placed by its
     logical axes on `mesh` (which may be abstract devices): nothing is allocated. For compiling
     ahead of time (helios-jax aot, the automatic mesh choice)."""
-    graphdef, state = nnx.split(nnx.eval_shape(build_fn))
+    return place_abstract(nnx.eval_shape(build_fn), mesh)
+
+
+def place_abstract(abstract: nnx.Module, mesh: Mesh):
+    """`abstract_sharded` of a module already built by `nnx.eval_shape`: one abstract build can be
+    placed on several candidate meshes."""
+    graphdef, state = nnx.split(abstract)
 
     def place(variable):
         value = variable.get_value()

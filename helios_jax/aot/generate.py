@@ -162,7 +162,8 @@ def generate_report(topology: str, *, model: str = "helios_14b", mesh_text: str 
         return chunks[tuple(mesh.shape.items())][1]
 
     if sizes is None and len(devices) > 1:
-        vae_bytes = lambda mesh: abstract_bytes_per_device(builds["vae"], mesh)  # noqa: E731 - resident beside it
+        vae = nnx.eval_shape(builds["vae"])
+        vae_bytes = lambda mesh: abstract_bytes_per_device(vae, mesh)  # noqa: E731 - resident beside it
         mesh, _ = choose_mesh(devices, heads=int(config.num_attention_heads), batch=1, compile_chunk=chunk_on,
                               resident_bytes=vae_bytes, limit=hbm * GIB if hbm else None, progress=progress)
     else:

@@ -5,6 +5,7 @@ under `nnx.eval_shape` here), so the choice costs compiles of abstract programs,
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,14 +28,13 @@ class Placement:
     candidates: list = field(default_factory=list)  # mesh_choice.Candidate per compiled layout (auto only)
 
 
-def abstract_bytes_per_device(build: Callable | None, mesh) -> float:
-    """Parameter bytes one device holds for `build()` placed by its logical axes on `mesh`."""
-    if build is None:
+def abstract_bytes_per_device(abstract: nnx.Module | None, mesh) -> float:
+    """Parameter bytes one device holds for an abstract module placed by its logical axes on `mesh`."""
+    if abstract is None:
         return 0.0
     if mesh is None:
-        state = nnx.state(nnx.eval_shape(build))
-        return float(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))
-    _, state = parallel.abstract_sharded(build, mesh)
+        return float(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(abstract))))
+    _, state = parallel.place_abstract(abstract, mesh)
     return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                      for x in jax.tree.leaves(state)))
 
@@ -45,14 +45,18 @@ def plan_placement(*, mesh, memory_plan: str, build_transformer: Callable, build
     """The mesh (`mesh`: None, a Mesh, "auto", "AXIS=SIZE,..." or a sizes dict) and the memory plan
     ("auto" or one of memory_plan.PLANS) for these components at this chunk size."""
     memory_plan_lib.check_plan(memory_plan, "memory_plan")
-    graphdef_config = nnx.eval_shape(build_transformer).config
+    # Each component is built abstractly once, when first needed, then placed on every candidate mesh.
+    abstract = functools.cache(lambda build: None if build is None else nnx.eval_shape(build))
+    transformer = abstract(build_transformer)
+    graphdef_config = transformer.config
     guided = settings.guidance != "none"
 
     def others(m):
-        return abstract_bytes_per_device(build_vae, m) + abstract_bytes_per_device(build_text_encoder, m)
+        return (abstract_bytes_per_device(abstract(build_vae), m)
+                + abstract_bytes_per_device(abstract(build_text_encoder), m))
 
     def compile_chunk(m):
-        graphdef, state = parallel.abstract_sharded(build_transformer, m)
+        graphdef, state = parallel.place_abstract(transformer, m)
         spec, inputs, tables = chunk_arguments(graphdef_config, scheduler, settings, m, latent_height=latent_height,
                                                latent_width=latent_width)
         # Under the mesh: the model's activation constraints apply, as when it runs. The abstract
@@ -73,12 +77,12 @@ def plan_placement(*, mesh, memory_plan: str, build_transformer: Callable, build
     if memory_plan == "auto":
         devices_ = list(resolved.devices.flat) if resolved is not None else list(jax.devices() if devices is None else devices)[:1]
         best = [c for c in candidates if resolved is not None and c.sizes == _nontrivial(dict(resolved.shape))]
-        transformer_bytes = abstract_bytes_per_device(build_transformer, resolved)
+        transformer_bytes = abstract_bytes_per_device(transformer, resolved)
         temporaries = (best[0].peak_bytes - others(resolved) - transformer_bytes) if best and best[0].peak_bytes else 0.0
         memory_plan = memory_plan_lib.choose_plan(
             mesh_choice.memory_limit(devices_[0]), transformer_bytes=transformer_bytes,
-            vae_bytes=abstract_bytes_per_device(build_vae, resolved),
-            text_bytes=abstract_bytes_per_device(build_text_encoder, resolved), chunk_temporaries=max(temporaries, 0.0))
+            vae_bytes=abstract_bytes_per_device(abstract(build_vae), resolved),
+            text_bytes=abstract_bytes_per_device(abstract(build_text_encoder), resolved), chunk_temporaries=max(temporaries, 0.0))
     return Placement(resolved, memory_plan, candidates)
 
 
