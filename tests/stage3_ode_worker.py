@@ -33,9 +33,9 @@ from helios_jax.loading import load
 from helios_jax.sampling.pipeline import HeliosPipeline
 from helios_jax.training.lora import trainable_filter
 from helios_jax.training.model_setup import build_student
-from helios_jax.training.ode_data import OdeDataset, make_ode_loader
-from helios_jax.training.ode_regression import ode_distance
-from helios_jax.training.ode_teacher import TeacherRollout
+from helios_jax.training.stage3_ode_data import OdeDataset, make_ode_loader
+from helios_jax.training.stage3_ode_regression import ode_distance
+from helios_jax.training.stage3_ode_teacher import TeacherRollout
 from helios_jax.training.optimizer import make_optimizer
 from helios_jax.training.trainer import abstract_of, initial_state, merge_model, split_model
 

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from helios_jax.training import distill_schedules as ds
+from helios_jax.training import stage3_distill_schedules as ds
 
 STAGE_SIZES = [(12, 20), (24, 40), (48, 80)]
 # spec §6.1: student timesteps after shifting, per stage (chunk 0 amplified, later chunks 2 steps).

@@ -7,8 +7,8 @@ import pytest
 import torch
 from flax import nnx
 
-from helios_jax.training import gan_heads
-from helios_jax.training.gan_heads import Discriminator3DHead, GanHeads
+from helios_jax.training import stage3_gan_heads as gan_heads
+from helios_jax.training.stage3_gan_heads import Discriminator3DHead, GanHeads
 
 
 def torch_head(in_channels, dim):

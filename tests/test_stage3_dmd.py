@@ -40,9 +40,9 @@ GRADIENT_SCRIPT = textwrap.dedent("""
     from helios_jax.models.transformer import HeliosTransformer3DModel
     from helios_jax.models.transformer_config import preset
     from helios_jax.training import synthetic
-    from helios_jax.training.dmd import Critic, critic_loss, generator_loss
-    from helios_jax.training.dmd_trainer import critic_filter, initial_distill_state, make_distill_steps
-    from helios_jax.training.gan_heads import GanHeads
+    from helios_jax.training.stage3_dmd import Critic, critic_loss, generator_loss
+    from helios_jax.training.stage3_dmd_trainer import critic_filter, initial_distill_state, make_distill_steps
+    from helios_jax.training.stage3_gan_heads import GanHeads
     from helios_jax.training.lora import LoRAParam, add_lora, trainable_filter
     from helios_jax.training.optimizer import make_optimizer
     from helios_jax.training.trainer import split_model

@@ -22,11 +22,11 @@ from helios_jax.models.transformer_config import preset
 from helios_jax.parallel import make_mesh
 from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise, downsample_noise, upsample_nearest
-from helios_jax.training.distill_schedules import student_schedule
-from helios_jax.training.ode_data import END, OdeDataset, make_ode_loader, synthetic_ode_records
-from helios_jax.training.ode_regression import select_chunks, teacher_context
-from helios_jax.training.ode_schedules import teacher_stage_schedule
-from helios_jax.training.ode_teacher import draw_chunk_noise, plan_teacher_chunk
+from helios_jax.training.stage3_distill_schedules import student_schedule
+from helios_jax.training.stage3_ode_data import END, OdeDataset, make_ode_loader, synthetic_ode_records
+from helios_jax.training.stage3_ode_regression import select_chunks, teacher_context
+from helios_jax.training.stage3_ode_schedules import teacher_stage_schedule
+from helios_jax.training.stage3_ode_teacher import draw_chunk_noise, plan_teacher_chunk
 from helios_jax.training.trainer import initial_state, make_train_step, split_model
 from tests.xla_flags import FAST_COMPILE
 

@@ -293,7 +293,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     from helios_jax.config_flags import load_config
     from helios_jax.parallel import make_mesh, shard_state, use_mesh
     from helios_jax.training import synthetic
-    from helios_jax.training.flow_matching import stage1_loss
+    from helios_jax.training.stage1_flow_matching import stage1_loss
     from helios_jax.training.lora import add_lora, trainable_filter
     from helios_jax.training.model_setup import build_model
     from helios_jax.training.optimizer import make_optimizer

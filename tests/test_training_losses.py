@@ -12,7 +12,9 @@ from flax import nnx
 
 from helios_jax.models.transformer import HeliosTransformer3DModel
 from helios_jax.models.transformer_config import preset
-from helios_jax.training import flow_matching, history_augment, pyramid_training
+from helios_jax.training import history_augment
+from helios_jax.training import stage1_flow_matching as flow_matching
+from helios_jax.training import stage2_pyramid as pyramid_training
 from helios_jax.training.history_augment import DROP_I2V, DROP_NONE, DROP_T2V, DROP_V2V
 
 CHANNELS, HEIGHT, WIDTH, TEXT_LEN, TEXT_DIM = 4, 8, 8, 8, 16

@@ -56,3 +56,40 @@ def test_missing_or_corrupt_shards_are_one_line_and_touch_nothing(prepared, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and named in err[0], err
         assert not workdir.exists()
+
+
+def test_every_preset_names_a_stage_of_the_table():
+    """training/stages.py is the one place a stage picks its loop, loss and data; every preset trains one of them."""
+    from helios_jax.config_flags import load_config
+    from helios_jax.training import stages
+    from helios_jax.training.presets import PRESET_ARGS
+
+    for preset, args in PRESET_ARGS.items():
+        for arg in ("",) + args:
+            stage = stages.stage_of(load_config(f"{preset}:{arg}"))
+            assert (stage.loop == "trainer") == (stage.loss is not None)
+    assert set(stages.STAGE_LOSSES) | set(stages.DISTILL_STAGES) == set(stages.STAGES)
+    with pytest.raises(ValueError, match="must be one of stage1, stage2, stage3_ode, stage3_dmd"):
+        stages.stage_of(_with_stage("x"))
+
+
+def _with_stage(name):
+    from helios_jax.config_flags import load_config
+
+    config = load_config("stage1:tiny")
+    config.train.stage = name
+    return config
+
+
+def test_training_imports_no_command():
+    """Imports run commands -> training: nothing under helios_jax/training/ imports a command module."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "helios_jax" / "training"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not (name.startswith("helios_jax.commands") or name.endswith("_command")
+                            or name == "helios_jax.cli"), f"{path.name} imports {name}"

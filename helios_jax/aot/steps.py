@@ -156,7 +156,7 @@ def stage1_step(graphdef, state, config, mesh: Mesh, batch: int):
     moments, sharded like the parameters), the frozen base in bf16."""
     from helios_jax.config_flags import load_config
     from helios_jax.models.transformer import HeliosTransformer3DModel
-    from helios_jax.training.flow_matching import stage1_loss
+    from helios_jax.training.stage1_flow_matching import stage1_loss
     from helios_jax.training.lora import add_lora, trainable_filter
     from helios_jax.training.optimizer import make_optimizer
     from helios_jax.training.trainer import TrainState, make_train_step
@@ -201,10 +201,10 @@ def stage3_step(kind: str):
     def build(graphdef, state, config, mesh: Mesh, batch: int):
         from helios_jax.config_flags import load_config
         from helios_jax.models.transformer import HeliosTransformer3DModel
-        from helios_jax.training.dmd import Critic
-        from helios_jax.training.dmd_trainer import DistillState, critic_filter, make_distill_steps
+        from helios_jax.training.stage3_dmd import Critic
+        from helios_jax.training.stage3_dmd_trainer import DistillState, critic_filter, make_distill_steps
         from helios_jax.training.ema import EMAState
-        from helios_jax.training.gan_heads import GanHeads
+        from helios_jax.training.stage3_gan_heads import GanHeads
         from helios_jax.training.lora import add_lora, trainable_filter
         from helios_jax.training.optimizer import make_optimizer
 

@@ -3,7 +3,7 @@
 For each non-empty prompt line the Mid teacher rolls out --num-chunks chunks (T2V, pyramid UniPC
 with --teacher-steps per stage, CFG --guidance-scale with the negative prompt, seed --seed) on
 schedules that pass through the student's timesteps, and the states there are stored with the
-prompt's embedding (training/ode_data.py has the record layout). On any error nothing is left at --out.
+prompt's embedding (training/stage3_ode_data.py has the record layout). On any error nothing is left at --out.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def run(args, overrides) -> None:
     import numpy as np
 
     from helios_jax.distributed import log
-    from helios_jax.training.ode_data import record_arrays, write_ode_dataset
-    from helios_jax.training.ode_teacher import TeacherRollout
+    from helios_jax.training.stage3_ode_data import record_arrays, write_ode_dataset
+    from helios_jax.training.stage3_ode_teacher import TeacherRollout
 
     if overrides:
         raise ValueError(f"{overrides[0]}: prepare-ode takes no --config overrides")

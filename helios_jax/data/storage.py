@@ -5,7 +5,7 @@ The latent dataset (`helios-jax prepare-data`, name "helios_latents") has one re
   prompt_embed float32 [512, text_dim]  UMT5 last hidden state, exact zeros after the true length
   caption      str
   id           str                      "{video stem}_{cut0}-{cut1}"
-Other datasets (the Stage-3a ODE pairs, training/ode_data.py) name their own features with
+Other datasets (the Stage-3a ODE pairs, training/stage3_ode_data.py) name their own features with
 `write_records` / `RecordDataset`: fixed-shape tensors (None for a dimension that varies) and text.
 
 A dataset folder is the TFDS version folder itself (dataset_info.json, features.json and the

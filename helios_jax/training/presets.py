@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from helios_jax.training.config import training_config
-from helios_jax.training.distill_config import stage3_config
+from helios_jax.training.stage3_config import stage3_config
 
 # preset -> the args it accepts; the first run is the default, each other one is chosen by an arg
 PRESET_ARGS = {
@@ -46,7 +46,7 @@ STAGE12_RUNS = {
                          lora_rank=256, patch_embedding="lora", history_patches="lora",
                          sample_ratios=(1, 1, 1), batch_size=1),
 }
-# Stage 3 runs -> distill_config.stage3_config's kind: 3a from Helios-Mid/transformer on prepare-ode
+# Stage 3 runs -> stage3_config.stage3_config's kind: 3a from Helios-Mid/transformer on prepare-ode
 # data; 3b's generator from Helios-Distilled/transformer_ode, score/critic from Helios-Base/transformer.
 STAGE3_RUNS = {"stage_3_ode": "ode", "stage_3_post": "post", "stage_3_post_gan": "post_gan"}
 RUNS = tuple(STAGE12_RUNS) + tuple(STAGE3_RUNS)

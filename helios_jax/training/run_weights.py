@@ -12,7 +12,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from helios_jax.training.stage_names import DISTILL_STAGES  # their state names the trained generator `generator`
+from helios_jax.training.stages import DISTILL_STAGES  # their state names the trained generator `generator`
 from helios_jax.training.lora import trainable_filter
 from helios_jax.training.model_setup import build_student
 from helios_jax.training.trainer import abstract_of, merge_model, split_model

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from helios_jax.training import distill_schedules
-from helios_jax.training.distill_schedules import to_x0
-from helios_jax.training.flow_matching import mean_squared_error, predict_velocity
+from helios_jax.training import stage3_distill_schedules as distill_schedules
+from helios_jax.training.stage3_distill_schedules import to_x0
+from helios_jax.training.stage1_flow_matching import mean_squared_error, predict_velocity
 from helios_jax.training.history_augment import history_model_inputs
-from helios_jax.training.ode_data import END
-from helios_jax.training.ode_teacher import NUM_STAGES
+from helios_jax.training.stage3_ode_data import END
+from helios_jax.training.stage3_ode_teacher import NUM_STAGES
 
 HISTORY_FRAMES = 19
 

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from helios_jax.models.layers import adapters_disabled
-from helios_jax.training import gan_heads as gan
-from helios_jax.training.backward_simulation import generator_rollout, history_is_empty
-from helios_jax.training.distill_schedules import add_noise, sample_score_timesteps, score_table, to_x0, \
+from helios_jax.training import stage3_gan_heads as gan
+from helios_jax.training.stage3_backward_simulation import generator_rollout, history_is_empty
+from helios_jax.training.stage3_distill_schedules import add_noise, sample_score_timesteps, score_table, to_x0, \
     training_mu
-from helios_jax.training.flow_matching import mean_squared_error, predict_velocity
+from helios_jax.training.stage1_flow_matching import mean_squared_error, predict_velocity
 from helios_jax.training.history_augment import corrupt_history, history_model_inputs, random_drop, \
     saturate_history
 

@@ -1,7 +1,7 @@
 """Stage 3a teacher trajectories (spec training.md §6.1, `get_ode-pairs.py`): the Mid teacher
 samples a video chunk by chunk (pyramid UniPC, `teacher_steps` per stage, CFG with the negative
 prompt, its own outputs as history, prefix = the first latent of chunk 0), on schedules that pass
-through the student's timesteps (training/ode_schedules.py), and at each of them the state before
+through the student's timesteps (training/stage3_ode_schedules.py), and at each of them the state before
 the teacher's step is kept, plus every stage's end state.
 
 The sampler's own pieces do the work: the chunk plan (from the merged schedules), the chunk program
@@ -22,7 +22,7 @@ from helios_jax.sampling.noise import NoiseSource
 from helios_jax.sampling.pyramid import block_noise_count
 from helios_jax.sampling.rollout import ChunkInputs, make_chunk_program
 from helios_jax.sampling.variants import SCHEDULER_CONFIGS
-from helios_jax.training import ode_schedules
+from helios_jax.training import stage3_ode_schedules as ode_schedules
 
 HISTORY_SIZES = (16, 2, 1)
 CHUNK_FRAMES = 9

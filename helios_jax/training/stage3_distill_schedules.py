@@ -5,7 +5,7 @@ upsample (spec training.md §3.4); the diffusers-version sampler computes it bef
 student's timesteps here are the sampler's `make_schedule` with the training-side mu: the values
 of the spec §6.1 table (the reference's hard-coded lists). The teacher's merged schedule in
 prepare-ode passes within 0.25 of them: the reference merges each student timestep with the sigma
-of the nearest grid point, before the shift (training/ode_schedules.py).
+of the nearest grid point, before the shift (training/stage3_ode_schedules.py).
 
 Score models (teacher, critic) see full-resolution chunks; their noise table is one linearly
 shifted grid (spec §6.2.2). The v -> x0 conversions look the sigma up at the nearest grid

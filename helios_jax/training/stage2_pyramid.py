@@ -21,7 +21,7 @@ import numpy as np
 
 from helios_jax.sampling import schedule_tables
 from helios_jax.sampling.pyramid import downsample_noise, upsample_nearest
-from helios_jax.training.flow_matching import mean_squared_error, predict_velocity, prepare_history
+from helios_jax.training.stage1_flow_matching import mean_squared_error, predict_velocity, prepare_history
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from helios_jax.sampling import schedule_tables as tables
 from helios_jax.sampling.variants import SCHEDULER_CONFIGS
-from helios_jax.training.distill_schedules import training_mu
+from helios_jax.training.stage3_distill_schedules import training_mu
 
 STUDENT_STEPS = 2  # per pyramid stage; twice as many in the amplified first chunk
 MERGE_TOLERANCE = 1e-4  # a student timestep this close to a teacher one is already in the schedule

@@ -19,7 +19,7 @@ import numpy as np
 
 from helios_jax.data.storage import TEXT, RecordDataset, write_records
 from helios_jax.training.data import epoch_loader
-from helios_jax.training.ode_teacher import MAX_STUDENT_STEPS, NUM_STAGES, StageTrajectory
+from helios_jax.training.stage3_ode_teacher import MAX_STUDENT_STEPS, NUM_STAGES, StageTrajectory
 
 DATASET_NAME = "helios_ode_pairs"
 END = MAX_STUDENT_STEPS  # index of the stage end state in stage{i}_states
@@ -93,8 +93,9 @@ def synthetic_ode_records(model_config, *, count: int = 4, num_chunks: int = 3, 
     """`count` random records in the loader's layout for `data_dir = "synthetic"` (trying the
     Stage-3a loop without a teacher run): smooth random end states, states = a noisy mix of them
     at each stored timestep. Not a teacher's trajectory; enough for the loss to have something to fit."""
-    from helios_jax.training import distill_schedules, ode_schedules
-    from helios_jax.training.ode_teacher import stage_sizes
+    from helios_jax.training import stage3_distill_schedules as distill_schedules
+    from helios_jax.training import stage3_ode_schedules as ode_schedules
+    from helios_jax.training.stage3_ode_teacher import stage_sizes
 
     rng = np.random.default_rng(seed)
     channels = model_config.in_channels

@@ -10,7 +10,7 @@ or chunk 0) the first-chunk amplification applies: 4 steps per stage instead of 
 
 As in the reference, the non-exit steps' re-noising happens under no-grad, so a stage's input
 carries gradient (through its start point, i.e. the previous exits) only when it exits at step 0.
-Schedules are the student's (training-side mu, distill_schedules.student_schedule); sigmas for
+Schedules are the student's (training-side mu, stage3_distill_schedules.student_schedule); sigmas for
 x0 and re-noising are looked up at the nearest timestep of the stage's shifted 1000-point table.
 The exit indices are drawn once per batch (the reference syncs them across ranks), so every data
 shard runs the same number of forwards; non-exit steps are a lax.fori_loop of dynamic length.
@@ -27,7 +27,8 @@ import numpy as np
 from helios_jax.sampling.pyramid import block_noise, block_noise_count, block_noise_factor, downsample_noise, \
     renoise_coefficients, upsample_nearest
 from helios_jax.sampling import schedule_tables
-from helios_jax.training.distill_schedules import distilled_scheduler, sigma_at, stage_sigma_table, student_schedule
+from helios_jax.training.stage3_distill_schedules import (distilled_scheduler, sigma_at, stage_sigma_table,
+                                                          student_schedule)
 
 Predict = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B,C,T,h,w], timesteps [B]) -> velocity
 

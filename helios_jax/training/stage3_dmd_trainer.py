@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from helios_jax.distributed import log
 from helios_jax.parallel import use_mesh
-from helios_jax.training.dmd import Critic, critic_loss, generator_loss
+from helios_jax.training.stage3_dmd import Critic, critic_loss, generator_loss
 from helios_jax.training.ema import EMAState, ema_init, ema_update
 from helios_jax.training.lora import LoRAParam, trainable_filter
 from helios_jax.training.optimizer import make_optimizer
