@@ -22,8 +22,10 @@ from helios_jax import parallel
 from helios_jax.aot.report import shard_bytes
 from helios_jax.aot.steps import LATENT_SIZE, build_mesh, distilled_sampling, model_config, parse_mesh
 from helios_jax.sampling import memory_plan as memory_plan_lib
-from helios_jax.sampling.abstract_chunk import batch_sharded, chunk_arguments, replicated
+from helios_jax.sampling import parameter_layouts
+from helios_jax.sampling.abstract_chunk import batch_sharded, chunk_arguments
 from helios_jax.sampling.mesh_choice import GIB, choose_mesh, peak_bytes
+from helios_jax.sampling import placement as placement_lib
 from helios_jax.sampling.placement import abstract_bytes_per_device
 from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.tpu_topology import hbm_gib, topology_devices
@@ -90,12 +92,20 @@ def _parameter_bytes(state) -> float:
     return float(sum(shard_bytes(x) for x in jax.tree.leaves(state)))
 
 
-def compile_chunk(build, config, mesh, latent_size=LATENT_SIZE) -> tuple[ProgramMemory, object]:
+def compile_chunk(build, config, mesh, latent_size=LATENT_SIZE, quantize=None) -> tuple[ProgramMemory, object]:
+    """The chunk program with its parameters in the layouts generate places them in on TPU: the
+    compiler's pick for int8 weights, the default ones for bf16 (sampling/parameter_layouts.py)."""
     scheduler, settings = distilled_sampling()
     _, h, w = latent_size
     graphdef, state = parallel.abstract_sharded(build, mesh)
     spec, inputs, tables = chunk_arguments(config, scheduler, settings, mesh, latent_height=h, latent_width=w)
-    compiled, seconds = _compile(make_chunk_program(graphdef), (spec, state, inputs, tables), mesh)
+    if parameter_layouts.wants_compiled_layouts(next(iter(mesh.devices.flat)), quantize):
+        start = time.perf_counter()
+        with parallel.use_mesh(mesh):
+            compiled = parameter_layouts.compile_with_auto_layouts(graphdef, state, spec, inputs, tables)
+        seconds = time.perf_counter() - start
+    else:
+        compiled, seconds = _compile(make_chunk_program(graphdef), (spec, state, inputs, tables), mesh)
     return ProgramMemory("chunk", peak_bytes(compiled), _parameter_bytes(state), seconds), compiled
 
 
@@ -113,16 +123,12 @@ def compile_text_encoder(build, mesh) -> ProgramMemory:
 
 
 def compile_vae_decode(build, config, mesh, latent_size=LATENT_SIZE) -> ProgramMemory:
-    graphdef, state = parallel.abstract_sharded(build, mesh)
-    frames, h, w = latent_size
-
-    def decode(state, latents):
-        vae = nnx.merge(graphdef, state)
-        return vae.decode(vae.denormalize_latents(latents))
-
-    latents = replicated((1, config.out_channels, frames, h, w), jnp.float32, mesh)
-    compiled, seconds = _compile(jax.jit(decode), (state, latents), mesh)
-    return ProgramMemory("vae_decode", peak_bytes(compiled), _parameter_bytes(state), seconds)
+    abstract = nnx.eval_shape(build)
+    start = time.perf_counter()
+    compiled = placement_lib.compile_vae_decode(abstract, mesh, config.out_channels, latent_size)
+    seconds = time.perf_counter() - start
+    return ProgramMemory("vae_decode", peak_bytes(compiled), _parameter_bytes(parallel.place_abstract(abstract, mesh)[1]),
+                         seconds)
 
 
 def plan_peaks(programs: dict) -> dict:
@@ -130,6 +136,9 @@ def plan_peaks(programs: dict) -> dict:
     text, chunk, vae = programs["text_encoder"], programs["chunk"], programs["vae_decode"]
     peaks = {}
     for plan in memory_plan_lib.PLANS[1:]:
+        if plan == "one_at_a_time":  # each program alone with its own parameters
+            peaks[plan] = max(text.peak_bytes, chunk.peak_bytes, vae.peak_bytes)
+            continue
         kept_text = text.parameter_bytes if plan == "resident" else 0.0
         beside_encoder = 0.0 if plan == "sequential" else chunk.parameter_bytes + vae.parameter_bytes
         peaks[plan] = max(text.peak_bytes + beside_encoder,
@@ -158,7 +167,7 @@ def generate_report(topology: str, *, model: str = "helios_14b", mesh_text: str 
     chunks = {}  # chunk programs compiled so far, by mesh layout
 
     def chunk_on(mesh):
-        chunks[tuple(mesh.shape.items())] = compile_chunk(builds["transformer"], config, mesh, latent_size)
+        chunks[tuple(mesh.shape.items())] = compile_chunk(builds["transformer"], config, mesh, latent_size, quantize)
         return chunks[tuple(mesh.shape.items())][1]
 
     if sizes is None and len(devices) > 1:

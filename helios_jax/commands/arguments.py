@@ -69,7 +69,8 @@ def add_device_arguments(parser) -> None:
     parser.add_argument("--memory-plan", default="auto", choices=PLANS,
                         help="where the text encoder waits between prompts: resident (on the device), "
                         "offload_text_encoder (host memory), sequential (host; the transformer too while it "
-                        "encodes); auto: the first that fits")
+                        "encodes), one_at_a_time (each large component alone on the device; frames after the last "
+                        "chunk); auto: the first that fits")
     parser.add_argument("--attention", help="force one attention implementation (xla, cudnn, pallas_gpu, pallas_tpu, "
                         "splash_tpu) instead of the measured choice; also HELIOS_ATTENTION_IMPL")
 

@@ -10,6 +10,7 @@ program (sampling/rollout.py); the history window and the anchor are the only st
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -132,7 +133,7 @@ class HeliosPipeline:
                 offload.to_host(encoder)
             text_encoder = TextEncoder(encoder, tokenizer)
         return cls(
-            _load_component(transformer_folder, dtype, placement.mesh, quantize),
+            _load_component(transformer_folder, dtype, placement.mesh, quantize, placement.transformer_formats),
             _load_component(folder / "vae", None, placement.mesh, None),
             scheduler,
             text_encoder,
@@ -175,6 +176,10 @@ class HeliosPipeline:
         if placement.mesh is not None:
             for module in (components["transformer"], components["vae"], encoder):
                 parallel.shard_state(module, placement.mesh)
+        if placement.transformer_formats is not None:
+            from helios_jax.sampling.parameter_layouts import place_in_formats
+
+            place_in_formats(components["transformer"], placement.transformer_formats)
         components["text_encoder"] = TextEncoder(encoder, tokenizer)  # it runs where its parameters now are
         return cls(**components, **flags, mesh=placement.mesh, memory_plan=placement.memory_plan)
 
@@ -261,7 +266,12 @@ class HeliosPipeline:
         h, w = height // self._spatial_stride, width // self._spatial_stride
         batch = embeds.shape[0] if not use_interpolate_prompt else 1
         channels = self.transformer.config.in_channels
+        if image is not None or video is not None:
+            memory_plan_lib.alone_on_device(self.memory_plan, self.vae, (self.transformer,))
         anchor, history, seeded = self._condition(image, video, height, width, batch, channels, h, w, source)
+        memory_plan_lib.alone_on_device(self.memory_plan, self.transformer, (self.vae,))
+        # one_at_a_time: every chunk is denoised before the VAE comes to the device to decode them.
+        deferred = [] if decode and self.memory_plan == "one_at_a_time" else None
         if conditioning_latents is not None:
             conditioning_latents.extend(seeded)
 
@@ -296,16 +306,30 @@ class HeliosPipeline:
             if (k == 0 and anchor is None) or (is_skip_first_chunk and k == 1):
                 anchor = latents[:, :, :1]
             history = jnp.concatenate([history, latents], axis=2)[:, :, -spec.window :]
-            frames = None
-            if decode:
-                frames = self.decode_chunk(latents)
-                if k == num_chunks - 1:  # the whole video is trimmed to 4m+1 frames
-                    keep = trim_frame_count(num_chunks * plan.frames_per_chunk, self._temporal_stride)
-                    frames = frames[:, : keep - k * plan.frames_per_chunk]
+            frames = self._frames(latents, k, num_chunks, plan) if decode and deferred is None else None
             done = time.perf_counter()
-            yield Chunk(k, num_chunks, latents, frames, done - started, sum(s.num_steps for s in spec.stages),
-                        decode_start - denoise_start, done - decode_start)
+            chunk = Chunk(k, num_chunks, latents, frames, done - started, sum(s.num_steps for s in spec.stages),
+                          decode_start - denoise_start, done - decode_start)
+            if deferred is None:
+                yield chunk
+            else:
+                deferred.append(chunk)
         source.finish()
+        if deferred:
+            memory_plan_lib.alone_on_device(self.memory_plan, self.vae, (self.transformer,))
+            for chunk in deferred:
+                started = time.perf_counter()
+                frames = self._frames(chunk.latents, chunk.index, num_chunks, plan)
+                seconds = time.perf_counter() - started
+                yield dataclasses.replace(chunk, frames=frames, seconds=chunk.seconds + seconds, decode_seconds=seconds)
+
+    def _frames(self, latents, k: int, num_chunks: int, plan: FramePlan) -> np.ndarray:
+        """Chunk k's frames; the last chunk's trimmed so the whole video has 4m+1 frames."""
+        frames = self.decode_chunk(latents)
+        if k == num_chunks - 1:
+            keep = trim_frame_count(num_chunks * plan.frames_per_chunk, self._temporal_stride)
+            frames = frames[:, : keep - k * plan.frames_per_chunk]
+        return frames
 
     def decode_chunk(self, latents: jax.Array) -> np.ndarray:
         """Chunk latents (normalised) -> uint8 frames [B, 33, H, W, 3]; each chunk is an independent
@@ -466,18 +490,27 @@ def _plan(builds: dict, scheduler, flags: dict, mesh, memory_plan: str, quantize
     settings = resolve_settings(variant, scheduler.config.stages, flags["is_cfg_zero_star"], flags["is_distilled"])[0]
     stride = 8  # the Wan VAE's spatial factor
     return plan_placement(mesh=mesh, memory_plan=memory_plan, scheduler=scheduler, settings=settings,
-                          latent_height=height // stride, latent_width=width // stride, progress=progress, **builds)
+                          latent_height=height // stride, latent_width=width // stride, quantize=quantize,
+                          progress=progress, **builds)
 
 
-def _load_component(folder: Path, dtype, mesh, quantize):
+def _load_component(folder: Path, dtype, mesh, quantize, formats=None):
     """One component onto the mesh (or the default device). Quantized ones are read and quantized
-    in host memory first, so the full-precision weights never need room on the device."""
+    in host memory first, so the full-precision weights never need room on the device. `formats`
+    (the chunk program's parameter layouts, sampling/parameter_layouts.py): read on the host, then
+    each weight put straight into its layout."""
     from helios_jax.loading import load
 
-    if quantize is None:
+    if quantize is None and formats is None:
         return load(folder, dtype=dtype, mesh=mesh)
     with jax.default_device(jax.devices("cpu")[0]):
-        module = _quantized(load(folder, dtype=dtype), quantize)
+        module = load(folder, dtype=dtype)
+        if quantize is not None:
+            module = _quantized(module, quantize)
+    if formats is not None:
+        from helios_jax.sampling.parameter_layouts import place_in_formats
+
+        return place_in_formats(module, formats)
     return parallel.place_state(module, mesh)
 
 
