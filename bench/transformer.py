@@ -116,7 +116,7 @@ def main(argv=None):
         config.attention_impl = impl
         model = nnx.jit(lambda: HeliosTransformer3DModel(config, rngs=nnx.Rngs(0)))()
         forward, state = make_forward(model)
-        seconds = time_call(lambda: forward(state, **inputs), args.iters)
+        seconds = time_call(lambda state=state: forward(state, **inputs), args.iters)
         results[impl] = seconds
         print(f"jax[{impl}]: {seconds * 1e3:.2f} ms/forward  {flops / seconds / 1e12:.2f} TFLOP/s  "
               f"fraction of matmul rate {flops / seconds / peak:.3f}  (parameters {parameter_count(state):,})")

@@ -161,7 +161,6 @@ def test_unipc_step_matches_diffusers(config, steps, jit):
 
     from helios_jax.sampling import unipc_step as up
 
-    reference = _reference_schedules(config, steps)
     ours = _our_schedules(config, steps)
     ref = _diffusers_scheduler(config)
     rng = np.random.default_rng(0)
