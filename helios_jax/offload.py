@@ -3,14 +3,14 @@
 The whole generate does not need every component on the device at once: the text encoder runs once
 per prompt, before any chunk. `to_host(module)` puts each parameter in the host memory of its own
 devices (memory kind `pinned_host`, the same sharding, multi-host too) and frees the device copy;
-`to_device(module)` brings it back. Layouts stay as they were. Arrays move one at a time, so a move never needs room for a
-second copy of the module on the device.
+`to_device(module)` brings it back; device_put keeps each array's layout across memories (the
+compiled parameter layouts, sampling/parameter_layouts.py). Arrays move one at a time, so a move
+never needs room for a second copy of the module on the device.
 """
 from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.experimental.layout import Format
 
 HOST, DEVICE = "pinned_host", "device"
 
@@ -20,10 +20,7 @@ def _move(module: nnx.Module, memory_kind: str) -> nnx.Module:
         value = variable.get_value()
         if not isinstance(value, jax.Array) or value.sharding.memory_kind == memory_kind:
             continue
-        # The same layout: weights placed in the chunk program's layouts (sampling/parameter_layouts.py) keep them.
-        target = value.sharding.with_memory_kind(memory_kind)
-        layout = value.format.layout if value.format is not None else None
-        moved = jax.device_put(value, Format(layout, target) if layout is not None else target)
+        moved = jax.device_put(value, value.sharding.with_memory_kind(memory_kind))
         moved.block_until_ready()
         value.delete()  # the old copy goes now, not when the garbage collector gets to it
         variable.set_value(moved)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.experimental.layout import Format, Layout
 
-from helios_jax import HeliosPipeline
+from helios_jax import HeliosPipeline, parallel
 from helios_jax.aot.steps import distilled_sampling
 from helios_jax.offload import to_device, to_host
 from helios_jax.sampling import parameter_layouts
@@ -48,7 +48,9 @@ def pipelines():
     mesh = parameter_layouts.layout_mesh(None)
     scheduler, settings = distilled_sampling()
     arguments = chunk_arguments(transformer.config, scheduler, settings, mesh, latent_height=8, latent_width=8)
-    formats, _ = parameter_layouts.chunk_parameter_formats(transformer, mesh, arguments)
+    graphdef, state = parallel.place_abstract(transformer, mesh)
+    formats = parameter_layouts.parameter_formats(
+        parameter_layouts.compile_chunk_program(graphdef, state, arguments, mesh, auto_layouts=True))
     parameter_layouts.place_in_formats(placed.transformer, column_major(formats))
     placed = HeliosPipeline(placed.transformer, placed.vae, placed.scheduler, placed.text_encoder, is_distilled=True)
     return default, placed

@@ -27,7 +27,6 @@ from helios_jax.sampling.abstract_chunk import batch_sharded, chunk_arguments
 from helios_jax.sampling.mesh_choice import GIB, choose_mesh, peak_bytes
 from helios_jax.sampling import placement as placement_lib
 from helios_jax.sampling.placement import abstract_bytes_per_device
-from helios_jax.sampling.rollout import make_chunk_program
 from helios_jax.tpu_topology import hbm_gib, topology_devices
 
 TEXT_TOKENS = 512
@@ -99,13 +98,11 @@ def compile_chunk(build, config, mesh, latent_size=LATENT_SIZE, quantize=None) -
     _, h, w = latent_size
     graphdef, state = parallel.abstract_sharded(build, mesh)
     spec, inputs, tables = chunk_arguments(config, scheduler, settings, mesh, latent_height=h, latent_width=w)
-    if parameter_layouts.wants_compiled_layouts(next(iter(mesh.devices.flat)), quantize):
-        start = time.perf_counter()
-        with parallel.use_mesh(mesh):
-            compiled = parameter_layouts.compile_with_auto_layouts(graphdef, state, spec, inputs, tables)
-        seconds = time.perf_counter() - start
-    else:
-        compiled, seconds = _compile(make_chunk_program(graphdef), (spec, state, inputs, tables), mesh)
+    auto_layouts = parameter_layouts.wants_compiled_layouts(next(iter(mesh.devices.flat)), quantize)
+    start = time.perf_counter()
+    compiled = parameter_layouts.compile_chunk_program(graphdef, state, (spec, inputs, tables), mesh,
+                                                       auto_layouts=auto_layouts)
+    seconds = time.perf_counter() - start
     return ProgramMemory("chunk", peak_bytes(compiled), _parameter_bytes(state), seconds), compiled
 
 
@@ -127,8 +124,7 @@ def compile_vae_decode(build, config, mesh, latent_size=LATENT_SIZE) -> ProgramM
     start = time.perf_counter()
     compiled = placement_lib.compile_vae_decode(abstract, mesh, config.out_channels, latent_size)
     seconds = time.perf_counter() - start
-    return ProgramMemory("vae_decode", peak_bytes(compiled), _parameter_bytes(parallel.place_abstract(abstract, mesh)[1]),
-                         seconds)
+    return ProgramMemory("vae_decode", peak_bytes(compiled), abstract_bytes_per_device(abstract, mesh), seconds)
 
 
 def plan_peaks(programs: dict) -> dict:

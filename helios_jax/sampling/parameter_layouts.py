@@ -21,7 +21,7 @@ from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh
 
 from helios_jax import parallel
-from helios_jax.sampling.rollout import denoise_chunk
+from helios_jax.sampling.rollout import denoise_chunk, make_chunk_program
 
 FORCE_VARIABLE = "HELIOS_PARAMETER_LAYOUTS"
 CHOICES = ("compiled", "default")
@@ -46,23 +46,28 @@ def layout_mesh(mesh: Mesh | None, device=None) -> Mesh:
     return Mesh(np.array([device if device is not None else jax.devices()[0]]), ("fsdp",))
 
 
-def compile_with_auto_layouts(graphdef, state, spec, inputs, tables):
-    """The chunk program compiled with its parameters' layouts left to the compiler. `state`: the
-    abstract parameters (ShapeDtypeStructs with shardings); `inputs` carry their shardings too.
-    Call under the mesh, as the chunk program runs."""
+def compile_chunk_program(graphdef, state, arguments, mesh: Mesh, *, auto_layouts: bool):
+    """The chunk program compiled for abstract parameters `state` (ShapeDtypeStructs with
+    shardings) and `arguments` = (spec, inputs, tables) from abstract_chunk.chunk_arguments, under
+    `mesh` (the model's activation constraints apply, as when it runs). `auto_layouts`: the
+    parameters' layouts left to the compiler (`parameter_formats` reads them back)."""
+    spec, inputs, tables = arguments
+    with parallel.use_mesh(mesh):
+        if not auto_layouts:
+            return make_chunk_program(graphdef).lower(spec, state, inputs, tables).compile()
 
-    def program(spec, state, inputs, tables):
-        return denoise_chunk(nnx.merge(graphdef, state), spec, inputs, tables)
+        def program(spec, state, inputs, tables):
+            return denoise_chunk(nnx.merge(graphdef, state), spec, inputs, tables)
 
-    auto = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), state)
-    given = jax.tree.map(lambda x: x.sharding, inputs)
-    jitted = jax.jit(program, static_argnums=0, in_shardings=(auto, given, None))
-    return jitted.lower(spec, state, inputs, tables).compile()
+        auto = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), state)
+        given = jax.tree.map(lambda x: x.sharding, inputs)
+        jitted = jax.jit(program, static_argnums=0, in_shardings=(auto, given, None))
+        return jitted.lower(spec, state, inputs, tables).compile()
 
 
 def parameter_formats(compiled):
-    """The state's Formats (layout + sharding), a tree like the state, of a program compiled by
-    `compile_with_auto_layouts`."""
+    """The state's Formats (layout + sharding), a tree like the state, of a chunk program compiled
+    by `compile_chunk_program`."""
     positional, _ = compiled.input_formats
     return positional[0]
 
@@ -78,13 +83,3 @@ def place_in_formats(module: nnx.Module, formats) -> nnx.Module:
         target = target.get_value() if isinstance(target, nnx.Variable) else target
         variable.set_value(jax.device_put(variable.get_value(), target))
     return module
-
-
-def chunk_parameter_formats(transformer_abstract: nnx.Module, mesh: Mesh, arguments) -> tuple:
-    """(formats, compiled) of the chunk program of an abstract transformer on `mesh`; `arguments`:
-    (spec, inputs, tables) from abstract_chunk.chunk_arguments on the same mesh."""
-    graphdef, state = parallel.place_abstract(transformer_abstract, mesh)
-    spec, inputs, tables = arguments
-    with parallel.use_mesh(mesh):
-        compiled = compile_with_auto_layouts(graphdef, state, spec, inputs, tables)
-    return parameter_formats(compiled), compiled

@@ -20,7 +20,6 @@ from helios_jax.sampling import memory_plan as memory_plan_lib
 from helios_jax.sampling import mesh_choice, parameter_layouts
 from helios_jax.sampling.abstract_chunk import chunk_arguments, replicated
 from helios_jax.sampling.chunk_plan import LATENT_FRAMES_PER_CHUNK
-from helios_jax.sampling.rollout import make_chunk_program
 
 
 # The Wan VAE decode's temporaries per output pixel (3.9 GiB at 384x640, compiled for TPU v5e): the
@@ -68,21 +67,16 @@ def plan_placement(*, mesh, memory_plan: str, build_transformer: Callable, build
 
     first_device = list(jax.devices() if devices is None else devices)[0]
     compiled_layouts = parameter_layouts.wants_compiled_layouts(first_device, quantize)
-    formats, compiled_chunks = {}, {}  # mesh layout -> the transformer's Formats / its compiled chunk program
+    compiled_chunks = {}  # mesh layout -> its compiled chunk program
 
     def compile_chunk(m):
         arguments = chunk_arguments(graphdef_config, scheduler, settings, m, latent_height=latent_height,
                                     latent_width=latent_width)
-        if compiled_layouts:  # the program generate runs: parameters in the layouts it picks
-            formats[_key(m)], compiled = parameter_layouts.chunk_parameter_formats(transformer, m, arguments)
-        else:
-            graphdef, state = parallel.place_abstract(transformer, m)
-            # Under the mesh: the model's activation constraints apply, as when it runs. The abstract
-            # parameters are built outside it (their logical axes are not mesh axes).
-            with parallel.use_mesh(m):
-                compiled = make_chunk_program(graphdef).lower(arguments[0], state, *arguments[1:]).compile()
-        compiled_chunks[_key(m)] = compiled
-        return compiled
+        # The abstract parameters are built outside the mesh (their logical axes are not mesh axes).
+        graphdef, state = parallel.place_abstract(transformer, m)
+        compiled_chunks[_key(m)] = parameter_layouts.compile_chunk_program(graphdef, state, arguments, m,
+                                                                           auto_layouts=compiled_layouts)
+        return compiled_chunks[_key(m)]
 
     candidates = []
 
@@ -97,10 +91,10 @@ def plan_placement(*, mesh, memory_plan: str, build_transformer: Callable, build
     layout_mesh = parameter_layouts.layout_mesh(resolved, first_device)
     transformer_formats = None
     if compiled_layouts:
-        if _key(layout_mesh) not in formats:
+        if _key(layout_mesh) not in compiled_chunks:
             progress("compiling the chunk program once for its parameter layouts")
             compile_chunk(layout_mesh)
-        transformer_formats = formats[_key(layout_mesh)]
+        transformer_formats = parameter_layouts.parameter_formats(compiled_chunks[_key(layout_mesh)])
     if memory_plan == "auto":
         limit = mesh_choice.memory_limit(next(iter(layout_mesh.devices.flat)))
         sizes = dict(transformer=abstract_bytes_per_device(transformer, resolved),
